@@ -1,0 +1,981 @@
+"""Read SPHEREx Level-2 spectral images: data, variance, flags, zodi, WCSs and wavelengths.
+
+Both releases in the IRSA archive read: QR2 (a ``PSF`` image HDU, flag names as
+``HIERARCH MP_<NAME> = bit`` keywords) and QR3 (an ``EPSF`` table instead,
+RICE tile-compressed ``FLAGS``, flag names as ``MSKNnnnn = 'NAME'``). The PSF
+is never needed and its absence is never an error. IRSA cutouts (all HDUs
+kept, ``CRPIXn``, ``CRPIXnA`` and ``CRPIXnW`` rewritten) read like full files.
+
+Pixel boxes
+-----------
+A ``bbox`` is ``(ymin, ymax, xmin, xmax)``: 0-based, half-open
+(``data[ymin:ymax, xmin:xmax]``), in the pixel frame of the file being read
+(for a cutout, its own pixels, not the parent detector's).
+
+The spectral WCS
+----------------
+The ``W`` WCS maps pixels to (central wavelength, bandwidth) in um through the
+FITS ``-TAB`` algorithm on the ``WCS-WAVE`` table. astropy needs the HDU list
+to read it and wrongly applies the celestial SIP distortion to it
+(astropy#13105): :func:`read_spherex` builds it from a header copy with the SIP
+keywords removed and sets ``sip=None``. :func:`spectral_wavemap` does not call
+astropy per pixel: it evaluates the bilinear table directly (separably: first
+along x for every table row, then along y), agreeing with astropy to float64
+rounding. ``CWAVE``/``CBAND`` maps from a spectral-WCS calibration file can be
+used instead (IRSA recommends them for science; the table is good to ~1 nm).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from astropy import units as u
+from astropy.io import fits
+from astropy.wcs import WCS
+
+__all__ = [
+    "DEFAULT_EXCLUDE_FLAGS",
+    "FLAG_TABLE",
+    "ZODI_FIT_EXCLUDE_FLAGS",
+    "SpherexFileError",
+    "SpherexImage",
+    "SpherexMeta",
+    "WaveTable",
+    "ZodiFitWarning",
+    "fit_zodi_scale",
+    "flag_bits",
+    "flag_names",
+    "read_spherex",
+    "spectral_wavemap",
+]
+
+log = logging.getLogger(__name__)
+
+#: Documented SPHEREx flag bits (QR2 files of late 2025, plus the QR3 additions
+#: CROSSTALK, STREAK and SATELLITE_HALO). Used when a file's header does not name a bit.
+FLAG_TABLE = {
+    "TRANSIENT": 0,
+    "OVERFLOW": 1,
+    "SUR_ERROR": 2,
+    "PHANTOM": 4,
+    "REFERENCE": 5,
+    "NONFUNC": 6,
+    "DICHROIC": 7,
+    "MISSING_DATA": 9,
+    "HOT": 10,
+    "COLD": 11,
+    "FULLSAMPLE": 12,
+    "PHANMISS": 14,
+    "NONLINEAR": 15,
+    "PERSIST": 17,
+    "OUTLIER": 19,
+    "CROSSTALK": 20,
+    "SOURCE": 21,
+    "GHOST": 22,
+    "GHOST_FPA": 23,
+    "GHOST_EXT": 24,
+    "STREAK": 25,
+    "BLOOM": 26,
+    "SNOWBALL": 27,
+    "HALO": 28,
+    "SATELLITE_HALO": 29,
+}
+
+#: Flags excluded from a coadd by default: the pixels whose value is unusable
+#: (IRSA's source-discovery tutorial's bad set without FULLSAMPLE, which only says
+#: that the full sample history exists). SOURCE is **never** excluded: it marks
+#: pixels on known sources, 40-100 % of a frame.
+DEFAULT_EXCLUDE_FLAGS = (
+    "TRANSIENT",
+    "OVERFLOW",
+    "SUR_ERROR",
+    "PHANTOM",
+    "REFERENCE",
+    "NONFUNC",
+    "DICHROIC",
+    "MISSING_DATA",
+    "HOT",
+    "COLD",
+    "PHANMISS",
+    "NONLINEAR",
+    "PERSIST",
+    "OUTLIER",
+)
+
+#: Flags excluded when fitting the zodi amplitude: the default set plus SOURCE
+#: (background pixels only).
+ZODI_FIT_EXCLUDE_FLAGS = (*DEFAULT_EXCLUDE_FLAGS, "SOURCE")
+
+_REQUIRED_HDUS = ("IMAGE", "FLAGS", "VARIANCE", "ZODI")
+_IMAGE_HDUS = ("IMAGE", "FLAGS", "VARIANCE", "ZODI")
+_SIP_KEY = re.compile(r"^(A|B|AP|BP)_(\d+_\d+|ORDER|DMAX)$")
+_MSKN_KEY = re.compile(r"^MSKN(\d+)$")
+_SB = u.MJy / u.sr
+
+
+class SpherexFileError(ValueError):
+    """A SPHEREx file that cannot be read as a Level-2 spectral image.
+
+    Attributes
+    ----------
+    path : str
+        The offending file.
+    problem : str
+        What is wrong with it.
+    """
+
+    def __init__(self, path, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class ZodiFitWarning(UserWarning):
+    """The zodi amplitude could not be fitted; 1.0 was used."""
+
+
+# --------------------------------------------------------------------------------------------
+# Flags
+# --------------------------------------------------------------------------------------------
+def flag_names(header=None) -> dict[str, int]:
+    """Map flag names to bits, read from a ``FLAGS`` header (both keyword styles).
+
+    QR2 writes ``HIERARCH MP_<NAME> = bit``, QR3 ``MSKNnnnn = 'NAME'`` (bit =
+    digits of the key). Bits the header does not name are taken from
+    :data:`FLAG_TABLE`; names the header gives win.
+
+    Parameters
+    ----------
+    header : astropy.io.fits.Header, optional
+        The ``FLAGS`` header; ``None`` gives the documented table.
+
+    Returns
+    -------
+    dict
+        Upper-case name -> bit.
+
+    Examples
+    --------
+    >>> flag_names()["SOURCE"]
+    21
+    """
+    out = dict(FLAG_TABLE)
+    if header is None:
+        return out
+    from_header: dict[str, int] = {}
+    for key, value in header.items():
+        key = key.upper()
+        if (
+            key.startswith("MP_")
+            and isinstance(value, (int, np.integer))
+            and not isinstance(value, bool)
+        ):
+            from_header[key[3:].upper()] = int(value)
+        else:
+            m = _MSKN_KEY.match(key)
+            if m and isinstance(value, str) and value.strip():
+                from_header[value.strip().upper()] = int(m.group(1))
+    # A bit renamed in the header replaces the table's name for that bit.
+    taken = set(from_header.values())
+    out = {k: v for k, v in out.items() if v not in taken}
+    out.update(from_header)
+    return out
+
+
+def flag_bits(names, header=None) -> int:
+    """Return the bitmask of flag ``names``.
+
+    Parameters
+    ----------
+    names : str or iterable of str
+        Flag names, case-insensitive, with or without the ``MP_`` prefix.
+    header : astropy.io.fits.Header or dict, optional
+        A ``FLAGS`` header to read the bit numbers from (see :func:`flag_names`),
+        or a ready name -> bit dict.
+
+    Returns
+    -------
+    int
+        The OR of ``1 << bit`` over the names.
+
+    Raises
+    ------
+    ValueError
+        If a name is unknown; the message lists the known ones.
+
+    Examples
+    --------
+    >>> flag_bits(["hot", "COLD"])
+    3072
+    """
+    if isinstance(names, str):
+        names = [names]
+    table = dict(header) if isinstance(header, dict) else flag_names(header)
+    mask = 0
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"'names' must be flag names (str); got {name!r}.")
+        key = name.strip().upper()
+        if key.startswith("MP_"):
+            key = key[3:]
+        if key not in table:
+            raise ValueError(
+                f"'names' must be known flag names ({', '.join(sorted(table))}); got {name!r}."
+            )
+        mask |= 1 << table[key]
+    return mask
+
+
+# --------------------------------------------------------------------------------------------
+# The -TAB wavelength table
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class WaveTable:
+    """The ``WCS-WAVE`` lookup table of the ``W`` WCS, with its pixel mapping.
+
+    The table coordinate of 0-based pixel ``p`` of this image is
+    ``psi = cdelt * (p + 1 - crpix) + crval`` (FITS Paper III), i.e. the
+    1-based parent-detector pixel for real files and cutouts.
+
+    Attributes
+    ----------
+    x, y : numpy.ndarray
+        Control points (float64, strictly increasing).
+    values : numpy.ndarray
+        ``(len(y), len(x), 2)`` wavelength and bandwidth (um), float64.
+    crpix, crval, cdelt : tuple of float
+        ``(x, y)`` values of ``CRPIXnW``, ``CRVALnW``, ``CDELTnW``.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    values: np.ndarray
+    crpix: tuple
+    crval: tuple
+    cdelt: tuple
+
+    def shifted(self, x0: int, y0: int) -> WaveTable:
+        """The table for a sub-image whose pixel (0, 0) is this image's ``(x0, y0)``."""
+        return WaveTable(
+            self.x,
+            self.y,
+            self.values,
+            (self.crpix[0] - x0, self.crpix[1] - y0),
+            self.crval,
+            self.cdelt,
+        )
+
+    @property
+    def parent_origin(self) -> tuple[float, float]:
+        """0-based parent-detector ``(x, y)`` of this image's pixel (0, 0) (CDELT 1 assumed)."""
+        return (
+            self.crval[0] - self.crpix[0] * self.cdelt[0] + self.cdelt[0] - 1.0,
+            self.crval[1] - self.crpix[1] * self.cdelt[1] + self.cdelt[1] - 1.0,
+        )
+
+    def _axis(self, p, axis: int):
+        ctrl = self.x if axis == 0 else self.y
+        psi = self.cdelt[axis] * (np.asarray(p, dtype=np.float64) + 1.0 - self.crpix[axis])
+        psi = psi + self.crval[axis]
+        i = np.clip(np.searchsorted(ctrl, psi, side="right") - 1, 0, ctrl.size - 2)
+        lo, hi = ctrl[i], ctrl[i + 1]
+        t = (psi - lo) / (hi - lo)
+        tol = 1e-9 * max(1.0, abs(ctrl[-1]))
+        outside = (psi < ctrl[0] - tol) | (psi > ctrl[-1] + tol)
+        return i, t, outside
+
+    def evaluate(self, x, y) -> np.ndarray:
+        """Wavelength and bandwidth (um) at 0-based pixels ``(x, y)`` (any broadcastable shapes).
+
+        Returns an array of shape ``broadcast(x, y).shape + (2,)``; NaN outside
+        the table.
+        """
+        x, y = np.broadcast_arrays(np.asarray(x, float), np.asarray(y, float))
+        ix, tx, ox = self._axis(x, 0)
+        iy, ty, oy = self._axis(y, 1)
+        v = self.values
+        tx = tx[..., None]
+        ty = ty[..., None]
+        out = (1.0 - ty) * ((1.0 - tx) * v[iy, ix] + tx * v[iy, ix + 1]) + ty * (
+            (1.0 - tx) * v[iy + 1, ix] + tx * v[iy + 1, ix + 1]
+        )
+        out[ox | oy] = np.nan
+        return out
+
+    def wavemap(self, shape, origin=(0, 0)) -> np.ndarray:
+        """The ``(ny, nx, 2)`` float64 wavemap of a box of ``shape`` starting at 0-based ``origin``.
+
+        Parameters
+        ----------
+        shape : tuple of int
+            ``(ny, nx)``.
+        origin : tuple of int, optional
+            ``(y0, x0)`` of the box in this image's pixels.
+        """
+        ny, nx = (int(n) for n in shape)
+        y0, x0 = origin
+        ix, tx, ox = self._axis(np.arange(nx) + x0, 0)
+        iy, ty, oy = self._axis(np.arange(ny) + y0, 1)
+        v = self.values
+        # Interpolate every table row along x: (m, nx, 2); then along y row by row.
+        rows = v[:, ix] * (1.0 - tx)[None, :, None] + v[:, ix + 1] * tx[None, :, None]
+        out = rows[iy]
+        out *= (1.0 - ty)[:, None, None]
+        out += rows[iy + 1] * ty[:, None, None]
+        if ox.any():
+            out[:, ox] = np.nan
+        if oy.any():
+            out[oy] = np.nan
+        return out
+
+
+def _wave_table(hdul, header, path) -> WaveTable:
+    if "CTYPE1W" not in header or "CTYPE2W" not in header:
+        raise SpherexFileError(path, "IMAGE header has no spectral WCS (key 'W': CTYPE1W/CTYPE2W).")
+    for n in (1, 2):
+        ctype = str(header[f"CTYPE{n}W"]).strip().upper()
+        if not ctype.endswith("-TAB"):
+            raise SpherexFileError(
+                path, f"spectral WCS CTYPE{n}W must use the -TAB algorithm; got {ctype!r}."
+            )
+    extname = str(header.get("PS1_0W", "WCS-WAVE")).strip()
+    try:
+        tab = hdul[extname]
+    except KeyError as err:
+        raise SpherexFileError(
+            path, f"missing HDU {extname!r} (the -TAB table named by PS1_0W)."
+        ) from err
+    cols = {
+        "x": str(header.get("PS1_2W", "X")).strip(),
+        "y": str(header.get("PS2_2W", "Y")).strip(),
+        "values": str(header.get("PS1_1W", "VALUES")).strip(),
+    }
+    try:
+        row = tab.data[0]
+        xs = np.asarray(row[cols["x"]], dtype=np.float64).ravel()
+        ys = np.asarray(row[cols["y"]], dtype=np.float64).ravel()
+        vals = np.asarray(row[cols["values"]], dtype=np.float64)
+    except (KeyError, IndexError, TypeError, ValueError) as err:
+        raise SpherexFileError(
+            path, f"HDU {extname!r} is not a -TAB table with columns {sorted(cols.values())}: {err}"
+        ) from err
+    if vals.shape != (ys.size, xs.size, 2):
+        raise SpherexFileError(
+            path,
+            f"HDU {extname!r} VALUES must have shape (ny={ys.size}, nx={xs.size}, 2); "
+            f"got {vals.shape}.",
+        )
+    if xs.size < 2 or ys.size < 2 or np.any(np.diff(xs) <= 0) or np.any(np.diff(ys) <= 0):
+        raise SpherexFileError(path, f"HDU {extname!r} control points must be strictly increasing.")
+    vals.setflags(write=False)
+    return WaveTable(
+        xs,
+        ys,
+        vals,
+        (float(header.get("CRPIX1W", 0.0)), float(header.get("CRPIX2W", 0.0))),
+        (float(header.get("CRVAL1W", 0.0)), float(header.get("CRVAL2W", 0.0))),
+        (float(header.get("CDELT1W", 1.0)), float(header.get("CDELT2W", 1.0))),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The image
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SpherexMeta:
+    """Header metadata of a SPHEREx exposure (also readable as ``meta["detector"]``).
+
+    Attributes
+    ----------
+    path : str
+    detector : int
+    obsid : str or None
+    mjd_beg, mjd_end, mjd_mid : float or None
+    exptime : float or None
+        ``XPOSURE`` (s).
+    psf_fwhm : float or None
+        ``PSF_FWHM`` (arcsec).
+    release : str
+        ``"qr2"``, ``"qr3"`` or ``"unknown"`` (from the PSF/EPSF HDU, the FLAGS
+        keyword style and compression, and the pipeline ``VERSION``).
+    version : str or None
+        Pipeline version (PRIMARY ``VERSION``).
+    bunit : str
+        ``BUNIT`` of IMAGE.
+    flags : dict
+        Flag name -> bit, from the FLAGS header (see :func:`flag_names`).
+    parent_shape : tuple
+        ``(ny, nx)`` of the file's image HDUs (before ``bbox``).
+    zodi_scale : float or None
+        Zodi amplitude subtracted from ``data`` (None: not subtracted).
+    zodi_scale_err : float or None
+        Its 1-sigma uncertainty (0 for static subtraction).
+    """
+
+    path: str
+    detector: int
+    obsid: str | None
+    mjd_beg: float | None
+    mjd_end: float | None
+    mjd_mid: float | None
+    exptime: float | None
+    psf_fwhm: float | None
+    release: str
+    version: str | None
+    bunit: str
+    flags: dict = field(default_factory=dict)
+    parent_shape: tuple = ()
+    zodi_scale: float | None = None
+    zodi_scale_err: float | None = None
+
+    def __getitem__(self, key):
+        try:
+            return getattr(self, key)
+        except AttributeError as err:
+            raise KeyError(key) from err
+
+
+@dataclass(frozen=True, eq=False)
+class SpherexImage:
+    """One SPHEREx Level-2 exposure (or a box of it), read by :func:`read_spherex`.
+
+    Attributes
+    ----------
+    data : numpy.ndarray
+        float32 ``(ny, nx)`` surface brightness, MJy/sr (zodi subtracted if asked).
+    var : numpy.ndarray
+        float32 variance, (MJy/sr)^2.
+    flags : numpy.ndarray
+        int32 bitmask.
+    zodi : numpy.ndarray
+        float32 zodi model (MJy/sr) as in the file (unscaled).
+    wcs : astropy.wcs.WCS
+        Celestial TAN-SIP WCS of these pixels (shifted to ``bbox``).
+    spectral_wcs : astropy.wcs.WCS
+        The ``W`` WCS (wavelength, bandwidth in um) with SIP removed, shifted to ``bbox``.
+    meta : SpherexMeta
+    bbox : tuple of int
+        ``(ymin, ymax, xmin, xmax)`` read, half-open, in the file's pixels.
+    wave_table : WaveTable
+        The ``-TAB`` table, shifted to these pixels.
+    calibration : str or None
+        Spectral-WCS calibration file used by :meth:`wavemap` by default.
+    """
+
+    data: np.ndarray
+    var: np.ndarray
+    flags: np.ndarray
+    zodi: np.ndarray
+    wcs: WCS
+    spectral_wcs: WCS
+    meta: SpherexMeta
+    bbox: tuple
+    wave_table: WaveTable
+    calibration: str | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(ny, nx)``."""
+        return self.data.shape
+
+    def wavemap(self, calibration=None) -> np.ndarray:
+        """Return the ``(ny, nx, 2)`` float64 map of central wavelength and bandwidth (um).
+
+        Parameters
+        ----------
+        calibration : str or os.PathLike, optional
+            A spectral-WCS calibration file with ``CWAVE``/``CBAND``; default the
+            one given to :func:`read_spherex`, else the ``WCS-WAVE`` table.
+        """
+        cal = calibration if calibration is not None else self.calibration
+        if cal is not None:
+            return _calibration_wavemap(
+                cal, self.wave_table, self.shape, (0, 0), self.meta.detector
+            )
+        return self.wave_table.wavemap(self.shape)
+
+    def exclude_mask(self, names=DEFAULT_EXCLUDE_FLAGS) -> np.ndarray:
+        """Boolean mask of pixels carrying any of the flag ``names`` (bits from this file)."""
+        return (self.flags & flag_bits(names, self.meta.flags)) != 0
+
+
+def _check_bbox(bbox, shape, path):
+    ny, nx = shape
+    if bbox is None:
+        return 0, ny, 0, nx
+    try:
+        ymin, ymax, xmin, xmax = (int(v) for v in bbox)
+        ok = [float(v) == int(v) for v in bbox]
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"'bbox' must be (ymin, ymax, xmin, xmax) integers; got {bbox!r}."
+        ) from err
+    if not all(ok) or not (0 <= ymin < ymax <= ny and 0 <= xmin < xmax <= nx):
+        raise ValueError(
+            f"'bbox' must be (ymin, ymax, xmin, xmax), half-open, inside the {ny}x{nx} frame "
+            f"of {path}; got {bbox!r}."
+        )
+    return ymin, ymax, xmin, xmax
+
+
+def _shift_header(header: fits.Header, x0: int, y0: int) -> fits.Header:
+    hdr = header.copy()
+    if x0 or y0:
+        for key, off in (
+            ("CRPIX1", x0),
+            ("CRPIX2", y0),
+            ("CRPIX1A", x0),
+            ("CRPIX2A", y0),
+            ("CRPIX1W", x0),
+            ("CRPIX2W", y0),
+        ):
+            if key in hdr:
+                hdr[key] = float(hdr[key]) - off
+    return hdr
+
+
+def _without_sip(header: fits.Header) -> fits.Header:
+    hdr = header.copy()
+    for key in [k for k in hdr if _SIP_KEY.match(k)]:
+        hdr.remove(key, ignore_missing=True, remove_all=True)
+    return hdr
+
+
+def _open(path):
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise SpherexFileError(path, "no such file.")
+    with open(path, "rb") as fh:
+        head = fh.read(80)
+    if not (head.startswith(b"SIMPLE  =") or head[:2] == b"\x1f\x8b"):
+        raise SpherexFileError(path, "not a FITS file (no 'SIMPLE' card at the start).")
+    try:
+        hdul = fits.open(path, memmap=True, lazy_load_hdus=False)
+    except (OSError, ValueError, TypeError, IndexError) as err:
+        raise SpherexFileError(path, f"corrupt or truncated FITS file ({err}).") from err
+    return path, hdul
+
+
+def _check_layout(hdul, path):
+    names = [h.name.upper() for h in hdul]
+    missing = [n for n in (*_REQUIRED_HDUS, "WCS-WAVE") if n not in names]
+    if missing:
+        raise SpherexFileError(
+            path,
+            f"missing HDU(s) {missing}; a Level-2 image needs {[*_REQUIRED_HDUS, 'WCS-WAVE']} "
+            f"(found {names}).",
+        )
+    shapes = {n: tuple(hdul[n].shape) for n in _IMAGE_HDUS}
+    if len(shapes["IMAGE"]) != 2:
+        raise SpherexFileError(path, f"IMAGE must be 2-D; got shape {shapes['IMAGE']}.")
+    bad = {n: s for n, s in shapes.items() if s != shapes["IMAGE"]}
+    if bad:
+        raise SpherexFileError(
+            path, f"shape mismatch between HDUs: IMAGE is {shapes['IMAGE']} but {bad}."
+        )
+    if not path.endswith(".gz"):
+        size = os.path.getsize(path)
+        for n in _IMAGE_HDUS:
+            info = hdul[n].fileinfo()
+            if info is not None and info["datLoc"] + info["datSpan"] > size:
+                raise SpherexFileError(
+                    path,
+                    f"truncated file: HDU {n} needs {info['datLoc'] + info['datSpan']} bytes, "
+                    f"the file has {size}.",
+                )
+    _check_unit(hdul["IMAGE"].header, "IMAGE", _SB, path, required=True)
+    _check_unit(hdul["VARIANCE"].header, "VARIANCE", _SB**2, path, required=False)
+    _check_unit(hdul["ZODI"].header, "ZODI", _SB, path, required=False)
+    return shapes["IMAGE"]
+
+
+def _check_unit(header, name, expected, path, *, required):
+    bunit = str(header.get("BUNIT", "")).strip()
+    if not bunit:
+        if required:
+            raise SpherexFileError(path, f"{name} has no BUNIT; expected {expected}.")
+        log.debug("%s: %s has no BUNIT; assuming %s", path, name, expected)
+        return
+    try:
+        unit = u.Unit(bunit)
+        ok = unit.is_equivalent(expected) and math.isclose(unit.to(expected), 1.0)
+    except (ValueError, TypeError):
+        ok = False
+    if not ok:
+        raise SpherexFileError(
+            path, f"{name} has wrong units BUNIT={bunit!r}; expected {expected}."
+        )
+
+
+def _release(hdul, flags_header) -> tuple[str, str | None]:
+    version = hdul[0].header.get("VERSION")
+    version = None if version is None else str(version)
+    names = {h.name.upper() for h in hdul}
+    if "EPSF" in names or isinstance(hdul["FLAGS"], fits.CompImageHDU):
+        return "qr3", version
+    if any(_MSKN_KEY.match(k) for k in flags_header):
+        return "qr3", version
+    if "PSF" in names or any(k.upper().startswith("MP_") for k in flags_header):
+        return "qr2", version
+    if version:
+        m = re.match(r"\s*(\d+)", version)
+        if m:
+            return ("qr3" if int(m.group(1)) >= 7 else "qr2"), version
+    return "unknown", version
+
+
+def _meta(hdul, path, shape) -> SpherexMeta:
+    hdr = hdul["IMAGE"].header
+    if "DETECTOR" not in hdr:
+        raise SpherexFileError(path, "IMAGE header has no DETECTOR keyword.")
+    try:
+        det = int(hdr["DETECTOR"])
+    except (TypeError, ValueError) as err:
+        raise SpherexFileError(path, f"DETECTOR must be 1..6; got {hdr['DETECTOR']!r}.") from err
+
+    def num(key):
+        v = hdr.get(key)
+        return None if v is None else float(v)
+
+    beg, end = num("MJD-BEG"), num("MJD-END")
+    mid = num("MJD-AVG")
+    if mid is None and beg is not None and end is not None:
+        mid = 0.5 * (beg + end)
+    fhdr = hdul["FLAGS"].header
+    release, version = _release(hdul, fhdr)
+    obsid = hdr.get("OBSID")
+    return SpherexMeta(
+        path=path,
+        detector=det,
+        obsid=None if obsid is None else str(obsid).strip(),
+        mjd_beg=beg,
+        mjd_end=end,
+        mjd_mid=mid,
+        exptime=num("XPOSURE"),
+        psf_fwhm=num("PSF_FWHM"),
+        release=release,
+        version=version,
+        bunit=str(hdr.get("BUNIT", "")).strip(),
+        flags=flag_names(fhdr),
+        parent_shape=tuple(shape),
+    )
+
+
+def _section(hdu, box, dtype, path):
+    ymin, ymax, xmin, xmax = box
+    try:
+        arr = hdu.section[ymin:ymax, xmin:xmax]
+    except (OSError, ValueError, TypeError, IndexError) as err:
+        raise SpherexFileError(path, f"cannot read HDU {hdu.name} ({err}).") from err
+    return np.asarray(arr).astype(dtype, copy=False)
+
+
+def _calibration_wavemap(calibration, table: WaveTable, shape, origin, detector) -> np.ndarray:
+    cpath = os.fspath(calibration)
+    px, py = table.parent_origin
+    x0 = round(px) + origin[1]
+    y0 = round(py) + origin[0]
+    ny, nx = shape
+    try:
+        with fits.open(cpath, memmap=True) as hdul:
+            det = hdul[0].header.get("DETECTOR")
+            if det is not None and int(det) != int(detector):
+                raise SpherexFileError(
+                    cpath, f"calibration is for detector {det}, the image is detector {detector}."
+                )
+            maps = []
+            for name in ("CWAVE", "CBAND"):
+                if name not in hdul:
+                    raise SpherexFileError(cpath, f"missing HDU {name!r} in the calibration file.")
+                hdu = hdul[name]
+                cy, cx = hdu.shape
+                if not (x0 >= 0 and x0 + nx <= cx and y0 >= 0 and y0 + ny <= cy):
+                    raise SpherexFileError(
+                        cpath,
+                        f"calibration {cy}x{cx} does not cover parent pixels "
+                        f"y {y0}..{y0 + ny}, x {x0}..{x0 + nx}.",
+                    )
+                maps.append(np.asarray(hdu.section[y0 : y0 + ny, x0 : x0 + nx], dtype=np.float64))
+    except OSError as err:
+        raise SpherexFileError(cpath, f"not a readable calibration FITS file ({err}).") from err
+    return np.stack(maps, axis=-1)
+
+
+def spectral_wavemap(source, *, bbox=None, calibration=None) -> np.ndarray:
+    """The ``(ny, nx, 2)`` map of central wavelength and bandwidth (um) of a frame or a box.
+
+    Evaluates the ``-TAB`` table directly (vectorised bilinear interpolation),
+    not astropy per pixel; or reads ``CWAVE``/``CBAND`` from a calibration file.
+
+    Parameters
+    ----------
+    source : str, os.PathLike, astropy.io.fits.HDUList or SpherexImage
+        A Level-2 file (only headers and the table are read), an open HDU list,
+        or an image from :func:`read_spherex`.
+    bbox : tuple of int, optional
+        ``(ymin, ymax, xmin, xmax)``, 0-based half-open, in ``source``'s pixels.
+    calibration : str or os.PathLike, optional
+        Spectral-WCS calibration file (2040 x 2040 ``CWAVE`` and ``CBAND``
+        maps, parent-detector pixels); used instead of the table.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``(ny, nx, 2)``: ``[..., 0]`` wavelength, ``[..., 1]`` bandwidth.
+
+    Raises
+    ------
+    SpherexFileError
+        If the file or the calibration is malformed.
+    ValueError
+        If ``bbox`` is outside the frame.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from drizzle3d.simulate import simulate_field
+    >>> f = simulate_field(tempfile.mkdtemp(), n_exposures=1, shape=(64, 64))
+    >>> spectral_wavemap(f.paths[0], bbox=(0, 4, 0, 8)).shape
+    (4, 8, 2)
+    """
+    if isinstance(source, SpherexImage):
+        ymin, ymax, xmin, xmax = _check_bbox(bbox, source.shape, source.meta.path)
+        table, det, path = source.wave_table, source.meta.detector, source.meta.path
+        cal = calibration if calibration is not None else source.calibration
+        shape, origin = (ymax - ymin, xmax - xmin), (ymin, xmin)
+    else:
+        if isinstance(source, fits.HDUList):
+            hdul, path, close = source, str(source.filename() or "<HDUList>"), False
+        else:
+            path, hdul = _open(source)
+            close = True
+        try:
+            if "IMAGE" not in hdul:
+                raise SpherexFileError(path, "missing HDU 'IMAGE'.")
+            hdr = hdul["IMAGE"].header
+            table = _wave_table(hdul, hdr, path)
+            ny, nx = hdul["IMAGE"].shape
+            det = int(hdr.get("DETECTOR", 0))
+        finally:
+            if close:
+                hdul.close()
+        ymin, ymax, xmin, xmax = _check_bbox(bbox, (ny, nx), path)
+        shape, origin, cal = (ymax - ymin, xmax - xmin), (ymin, xmin), calibration
+    if cal is not None:
+        return _calibration_wavemap(cal, table, shape, origin, det)
+    return table.wavemap(shape, origin)
+
+
+# --------------------------------------------------------------------------------------------
+# Zodi
+# --------------------------------------------------------------------------------------------
+def fit_zodi_scale(
+    data,
+    var,
+    flags,
+    zodi,
+    *,
+    exclude_flags=ZODI_FIT_EXCLUDE_FLAGS,
+    flag_table=None,
+    min_fraction: float = 0.05,
+    min_pixels: int = 100,
+    clip: float = 4.0,
+    max_iter: int = 10,
+) -> tuple[float, float, int]:
+    """Fit the zodi amplitude ``s`` in ``data ~ s * zodi`` on unflagged background pixels.
+
+    Inverse-variance weighted least squares, started from the median ratio and
+    iterated with asymmetric-robust sigma clipping of the normalised residuals
+    (MAD scale), so unflagged sources and cosmic rays do not pull it.
+
+    Parameters
+    ----------
+    data, var, zodi : numpy.ndarray
+        Image, variance and zodi model (same shape).
+    flags : numpy.ndarray
+        Flag bitmask.
+    exclude_flags : sequence of str, optional
+        Pixels with these flags are not used (default: bad pixels and SOURCE).
+    flag_table : dict, optional
+        Name -> bit of the file (``SpherexImage.meta.flags``); default the
+        documented table.
+    min_fraction : float, optional
+        Fall back to ``s = 1`` (with a :class:`ZodiFitWarning`) when fewer than
+        this fraction of the pixels (or ``min_pixels``) qualify, or the fit is
+        outside (0, 10].
+    min_pixels : int, optional
+    clip : float, optional
+        Clipping threshold (robust sigmas).
+    max_iter : int, optional
+
+    Returns
+    -------
+    scale, scale_err : float
+        The amplitude and its 1-sigma uncertainty (0 on fallback).
+    n_used : int
+        Pixels in the final fit.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> z = np.linspace(1.0, 2.0, 10000).reshape(100, 100)
+    >>> s, err, n = fit_zodi_scale(1.05 * z, np.full(z.shape, 1e-4), np.zeros(z.shape, int), z)
+    >>> round(s, 6)
+    1.05
+    """
+    data = np.asarray(data, dtype=np.float64)
+    var = np.asarray(var, dtype=np.float64)
+    zodi = np.asarray(zodi, dtype=np.float64)
+    flags = np.asarray(flags)
+    mask = flag_bits(list(exclude_flags), flag_table)
+    good = (
+        np.isfinite(data)
+        & np.isfinite(var)
+        & np.isfinite(zodi)
+        & (var > 0)
+        & (zodi > 0)
+        & ((flags & mask) == 0)
+    )
+    n_good = int(good.sum())
+    need = max(int(min_pixels), math.ceil(min_fraction * data.size))
+    if n_good < need:
+        warnings.warn(
+            f"zodi fit: only {n_good} usable background pixels (< {need}); using scale 1.0.",
+            ZodiFitWarning,
+            stacklevel=2,
+        )
+        return 1.0, 0.0, 0
+    d, z, w = data[good], zodi[good], 1.0 / var[good]
+    s = float(np.median(d / z))
+    keep = np.ones(d.size, dtype=bool)
+    for _ in range(max_iter):
+        r = (d - s * z) * np.sqrt(w)
+        med = np.median(r[keep])
+        mad = 1.4826 * np.median(np.abs(r[keep] - med))
+        new_keep = np.abs(r - med) <= clip * max(mad, 1e-12)
+        s = float(
+            np.sum(w[new_keep] * d[new_keep] * z[new_keep]) / np.sum(w[new_keep] * z[new_keep] ** 2)
+        )
+        if np.array_equal(new_keep, keep):
+            break
+        keep = new_keep
+    n_used = int(keep.sum())
+    err = float(1.0 / math.sqrt(np.sum(w[keep] * z[keep] ** 2)))
+    if not (0.0 < s <= 10.0) or n_used < need:
+        warnings.warn(
+            f"zodi fit: scale {s:.4g} from {n_used} pixels is not usable; using scale 1.0.",
+            ZodiFitWarning,
+            stacklevel=2,
+        )
+        return 1.0, 0.0, 0
+    return s, err, n_used
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+def read_spherex(
+    path,
+    *,
+    bbox=None,
+    subtract_zodi: bool = False,
+    zodi: str = "static",
+    calibration=None,
+) -> SpherexImage:
+    """Read a SPHEREx Level-2 spectral image (QR2, QR3 or an IRSA cutout).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file (``.fits`` or ``.fits.gz``).
+    bbox : tuple of int, optional
+        ``(ymin, ymax, xmin, xmax)``, 0-based half-open; only this section of
+        each image HDU is read and both WCSs are shifted to it.
+    subtract_zodi : bool, optional
+        Subtract the zodi model from ``data``.
+    zodi : {"static", "fit"}, optional
+        ``"static"``: subtract ``ZODI`` as is (variance unchanged, the model
+        being taken as exact). ``"fit"``: subtract ``s * ZODI`` with ``s`` from
+        :func:`fit_zodi_scale` on the pixels read, and add ``(s_err * ZODI)**2``
+        to the variance.
+    calibration : str or os.PathLike, optional
+        Spectral-WCS calibration file (``CWAVE``/``CBAND``) for :meth:`SpherexImage.wavemap`.
+
+    Returns
+    -------
+    SpherexImage
+
+    Raises
+    ------
+    SpherexFileError
+        (a ``ValueError``) naming the file: not FITS, truncated, a missing HDU,
+        no ``W`` WCS, shapes differing between HDUs, wrong units.
+    ValueError
+        If ``bbox`` or ``zodi`` is invalid.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from drizzle3d.simulate import simulate_field
+    >>> f = simulate_field(tempfile.mkdtemp(), n_exposures=1, shape=(64, 64))
+    >>> im = read_spherex(f.paths[0], bbox=(10, 20, 0, 30))
+    >>> im.data.shape, im.wavemap().shape
+    ((10, 30), (10, 30, 2))
+    """
+    if zodi not in ("static", "fit"):
+        raise ValueError(f"'zodi' must be 'static' or 'fit'; got {zodi!r}.")
+    path, hdul = _open(path)
+    with hdul:
+        try:
+            shape = _check_layout(hdul, path)
+            box = _check_bbox(bbox, shape, path)
+            img_hdr = hdul["IMAGE"].header
+            table = _wave_table(hdul, img_hdr, path)
+            meta = _meta(hdul, path, shape)
+            ymin, _ymax, xmin, _xmax = box
+            hdr = _shift_header(img_hdr, xmin, ymin)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", category=fits.verify.VerifyWarning)
+                try:
+                    wcs = WCS(hdr, fobj=hdul)
+                    spec = WCS(_without_sip(hdr), fobj=hdul, key="W")
+                except (ValueError, KeyError, MemoryError) as err:
+                    raise SpherexFileError(path, f"invalid WCS in IMAGE header ({err}).") from err
+            spec.sip = None
+            data = _section(hdul["IMAGE"], box, np.float32, path)
+            var = _section(hdul["VARIANCE"], box, np.float32, path)
+            flags = _section(hdul["FLAGS"], box, np.int32, path)
+            zmod = _section(hdul["ZODI"], box, np.float32, path)
+        except SpherexFileError:
+            raise
+        except (OSError, ValueError, TypeError, IndexError) as err:
+            raise SpherexFileError(path, f"corrupt or truncated FITS file ({err}).") from err
+    zscale = zerr = None
+    if subtract_zodi:
+        if zodi == "fit":
+            zscale, zerr, _ = fit_zodi_scale(data, var, flags, zmod, flag_table=meta.flags)
+        else:
+            zscale, zerr = 1.0, 0.0
+        data = (data - np.float32(zscale) * zmod).astype(np.float32, copy=False)
+        if zerr:
+            var = (var + (np.float32(zerr) * zmod) ** 2).astype(np.float32, copy=False)
+        log.debug("%s: subtracted %.5f x ZODI (%s)", path, zscale, zodi)
+    meta = SpherexMeta(**{**meta.__dict__, "zodi_scale": zscale, "zodi_scale_err": zerr})
+    return SpherexImage(
+        data=data,
+        var=var,
+        flags=flags,
+        zodi=zmod,
+        wcs=wcs,
+        spectral_wcs=spec,
+        meta=meta,
+        bbox=box,
+        wave_table=table.shifted(xmin, ymin),
+        calibration=None if calibration is None else os.fspath(calibration),
+    )
