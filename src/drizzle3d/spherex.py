@@ -34,10 +34,11 @@ import re
 import warnings
 from dataclasses import dataclass, field
 
+import numba
 import numpy as np
 from astropy import units as u
 from astropy.io import fits
-from astropy.wcs import WCS
+from astropy.wcs import WCS, Sip
 
 __all__ = [
     "DEFAULT_EXCLUDE_FLAGS",
@@ -169,16 +170,15 @@ def flag_names(header=None) -> dict[str, int]:
     if header is None:
         return out
     from_header: dict[str, int] = {}
-    for key, value in header.items():
+    for key in header:
         key = key.upper()
-        if (
-            key.startswith("MP_")
-            and isinstance(value, (int, np.integer))
-            and not isinstance(value, bool)
-        ):
-            from_header[key[3:].upper()] = int(value)
-        else:
+        if key.startswith("MP_"):
+            value = header[key]
+            if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+                from_header[key[3:]] = int(value)
+        elif key.startswith("MSKN"):
             m = _MSKN_KEY.match(key)
+            value = header[key]
             if m and isinstance(value, str) and value.strip():
                 from_header[value.strip().upper()] = int(m.group(1))
     # A bit renamed in the header replaces the table's name for that bit.
@@ -323,16 +323,29 @@ class WaveTable:
         ix, tx, ox = self._axis(np.arange(nx) + x0, 0)
         iy, ty, oy = self._axis(np.arange(ny) + y0, 1)
         v = self.values
-        # Interpolate every table row along x: (m, nx, 2); then along y row by row.
+        # Interpolate every table row along x: (m, nx, 2); then along y, row by row.
         rows = v[:, ix] * (1.0 - tx)[None, :, None] + v[:, ix + 1] * tx[None, :, None]
-        out = rows[iy]
-        out *= (1.0 - ty)[:, None, None]
-        out += rows[iy + 1] * ty[:, None, None]
+        out = np.empty((ny, nx, 2), dtype=np.float64)
+        _blend_rows(rows, iy.astype(np.int64), ty, out)
         if ox.any():
             out[:, ox] = np.nan
         if oy.any():
             out[oy] = np.nan
         return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _blend_rows(rows, iy, ty, out):  # pragma: no cover - compiled
+    """``out[j] = (1 - ty[j]) * rows[iy[j]] + ty[j] * rows[iy[j] + 1]`` for every output row."""
+    ny, nx, nk = out.shape
+    for j in range(ny):
+        a = 1.0 - ty[j]
+        b = ty[j]
+        r0 = rows[iy[j]]
+        r1 = rows[iy[j] + 1]
+        for i in range(nx):
+            for k in range(nk):
+                out[j, i, k] = a * r0[i, k] + b * r1[i, k]
 
 
 def _wave_table(hdul, header, path) -> WaveTable:
@@ -524,27 +537,48 @@ def _check_bbox(bbox, shape, path):
     return ymin, ymax, xmin, xmax
 
 
-def _shift_header(header: fits.Header, x0: int, y0: int) -> fits.Header:
-    hdr = header.copy()
-    if x0 or y0:
-        for key, off in (
-            ("CRPIX1", x0),
-            ("CRPIX2", y0),
-            ("CRPIX1A", x0),
-            ("CRPIX2A", y0),
-            ("CRPIX1W", x0),
-            ("CRPIX2W", y0),
-        ):
-            if key in hdr:
-                hdr[key] = float(hdr[key]) - off
-    return hdr
+_CEL_KEY = re.compile(
+    r"^(WCSAXES|CTYPE[12]|CRPIX[12]|CRVAL[12]|CDELT[12]|CUNIT[12]|PC[12]_[12]|CD[12]_[12]"
+    r"|LONPOLE|LATPOLE|RADESYS|EQUINOX)$"
+)
+_W_KEY = re.compile(
+    r"^(WCSAXES|WCSNAME|CTYPE\d|CRPIX\d|CRVAL\d|CDELT\d|CUNIT\d|CNAME\d|PV\d_\d+|PS\d_\d+"
+    r"|PC\d_\d|CD\d_\d)W$"
+)
 
 
-def _without_sip(header: fits.Header) -> fits.Header:
-    hdr = header.copy()
-    for key in [k for k in hdr if _SIP_KEY.match(k)]:
-        hdr.remove(key, ignore_missing=True, remove_all=True)
-    return hdr
+def _celestial_wcs(header: fits.Header) -> WCS:
+    """The primary (celestial) WCS, SIP attached from the header's coefficients.
+
+    Built from the WCS keywords alone (astropy's own SIP parsing of a full
+    Level-2 header costs more than the rest of a box read).
+    """
+    cards = [c for c in header.cards if _CEL_KEY.match(c.keyword)]
+    sip = {c.keyword: c.value for c in header.cards if _SIP_KEY.match(c.keyword)}
+    w = WCS(fits.Header(cards))
+    if sip:
+        mats = {}
+        for name in ("A", "B", "AP", "BP"):
+            order = sip.get(f"{name}_ORDER")
+            if order is None:
+                mats[name] = None
+                continue
+            m = np.zeros((int(order) + 1, int(order) + 1))
+            for p in range(int(order) + 1):
+                for q in range(int(order) + 1 - p):
+                    m[p, q] = float(sip.get(f"{name}_{p}_{q}", 0.0))
+            mats[name] = m
+        if mats["A"] is not None and mats["B"] is not None:
+            w.sip = Sip(mats["A"], mats["B"], mats["AP"], mats["BP"], w.wcs.crpix)
+    return w
+
+
+def _spectral_wcs(header: fits.Header, hdul) -> WCS:
+    """The ``W`` WCS from its own keywords only, so no celestial SIP can leak into it."""
+    cards = [c for c in header.cards if _W_KEY.match(c.keyword)]
+    w = WCS(fits.Header(cards), fobj=hdul, key="W")
+    w.sip = None  # belt and braces: astropy#13105
+    return w
 
 
 def _open(path):
@@ -668,12 +702,22 @@ def _meta(hdul, path, shape) -> SpherexMeta:
 
 
 def _section(hdu, box, dtype, path):
+    """Read ``box`` of an image HDU into a native-endian array of ``dtype``.
+
+    Uncompressed HDUs are memory-mapped and only the rows of the box are
+    touched; tile-compressed ones decompress only the tiles the box needs.
+    """
     ymin, ymax, xmin, xmax = box
     try:
-        arr = hdu.section[ymin:ymax, xmin:xmax]
+        if isinstance(hdu, fits.CompImageHDU):
+            arr = hdu.section[ymin:ymax, xmin:xmax]
+        else:
+            arr = hdu.data[ymin:ymax, xmin:xmax]
+        out = np.empty(arr.shape, dtype=dtype)
+        out[...] = arr
     except (OSError, ValueError, TypeError, IndexError) as err:
         raise SpherexFileError(path, f"cannot read HDU {hdu.name} ({err}).") from err
-    return np.asarray(arr).astype(dtype, copy=False)
+    return out
 
 
 def _calibration_wavemap(calibration, table: WaveTable, shape, origin, detector) -> np.ndarray:
@@ -938,16 +982,17 @@ def read_spherex(
             img_hdr = hdul["IMAGE"].header
             table = _wave_table(hdul, img_hdr, path)
             meta = _meta(hdul, path, shape)
-            ymin, _ymax, xmin, _xmax = box
-            hdr = _shift_header(img_hdr, xmin, ymin)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", category=fits.verify.VerifyWarning)
-                try:
-                    wcs = WCS(hdr, fobj=hdul)
-                    spec = WCS(_without_sip(hdr), fobj=hdul, key="W")
-                except (ValueError, KeyError, MemoryError) as err:
-                    raise SpherexFileError(path, f"invalid WCS in IMAGE header ({err}).") from err
-            spec.sip = None
+            ymin, ymax, xmin, xmax = box
+            try:
+                wcs = _celestial_wcs(img_hdr)
+                spec = _spectral_wcs(img_hdr, hdul)
+            except (ValueError, KeyError, MemoryError) as err:
+                raise SpherexFileError(path, f"invalid WCS in IMAGE header ({err}).") from err
+            if box != (0, shape[0], 0, shape[1]):
+                sl = (slice(ymin, ymax), slice(xmin, xmax))
+                wcs = wcs.slice(sl)
+                spec = spec.slice(sl)
+                spec.sip = None
             data = _section(hdul["IMAGE"], box, np.float32, path)
             var = _section(hdul["VARIANCE"], box, np.float32, path)
             flags = _section(hdul["FLAGS"], box, np.int32, path)
