@@ -18,7 +18,8 @@ It binds 127.0.0.1 on an ephemeral port and serves, over real HTTP:
 Fault injection: ``faults[url_path] = ["500", "drop", "404", "ok", ...]`` is consumed one
 entry per GET of that path; ``latency`` delays every response; ``tap_error`` makes every TAP
 query fail with that message; ``sync_status`` makes ``/TAP/sync`` answer with that HTTP
-status (e.g. 503, to force the async fallback). ``log`` records every request.
+status (e.g. 503, to force the async fallback); ``sync_delay`` makes it answer late (to
+exercise the client's sync time-out). ``log`` records every request.
 """
 
 from __future__ import annotations
@@ -170,6 +171,7 @@ class IrsaStandin:
         self.error_status = error_status
         self.tap_error: str | None = None
         self.sync_status: int | None = None
+        self.sync_delay = 0.0
         self.cutout = cutout or cutout_hdulist_bytes
         self.job_polls = job_polls
         self.jobs: dict[str, _Job] = {}
@@ -186,7 +188,9 @@ class IrsaStandin:
             server_state = standin
 
         self._server = _Server(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self._thread.start()
         host, port = self._server.server_address[:2]
         self._url = f"http://{host}:{port}"
@@ -462,6 +466,8 @@ class _Handler(BaseHTTPRequestHandler):
         return params
 
     def _send(self, status, body=b"", ctype="text/plain", headers=None):
+        # log first, so a client that has its answer always finds the request in the log
+        self._record(status, len(body) if self.command != "HEAD" else 0)
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -470,7 +476,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-        self._record(status, len(body) if self.command != "HEAD" else 0)
 
     def _record(self, status, nbytes):
         parts = urlsplit(self.path)
@@ -517,6 +522,8 @@ class _Handler(BaseHTTPRequestHandler):
         form = self._form()
         if state.sync_status is not None:
             return self._send(state.sync_status, b"service temporarily unavailable")
+        if state.sync_delay:
+            time.sleep(state.sync_delay)  # a slow synchronous query
         try:
             body = state.run_query(form.get("QUERY", ""))
         except ValueError as err:
@@ -616,14 +623,14 @@ class _Handler(BaseHTTPRequestHandler):
             body = state.files[path].read_bytes()
         if fault == "drop":
             # promise the full length, send half, then close the connection
+            half = len(body) // 2
+            self._record(200, half)
             self.send_response(200)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            half = len(body) // 2
             self.wfile.write(body[:half])
             self.wfile.flush()
-            self._record(200, half)
             self.close_connection = True
             return None
         return self._send(200, body, ctype)

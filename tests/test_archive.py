@@ -271,6 +271,14 @@ def test_sync_failure_falls_back_to_async_job(mixed_standin):
     assert ("DELETE", "/TAP/async/job1") in paths  # the job is cleaned up
 
 
+def test_slow_sync_query_times_out_and_falls_back_to_async(mixed_standin):
+    expected = list(query_spherex(FIELD, tap_url=mixed_standin.tap_url)["obs_id"])
+    mixed_standin.sync_delay = 1.0
+    actual = list(query_spherex(FIELD, tap_url=mixed_standin.tap_url, sync_timeout=0.2)["obs_id"])
+    assert actual == expected
+    assert ("POST", "/TAP/async") in [(r.method, r.path) for r in mixed_standin.log]
+
+
 def test_async_timeout_raises(mixed_standin):
     mixed_standin.sync_status = 503
     mixed_standin.job_polls = 10**6  # never finishes

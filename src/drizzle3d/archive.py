@@ -532,20 +532,31 @@ def _is_transient(err: BaseException) -> bool:
     """True for time-outs, dropped connections and 5xx answers (worth an async retry)."""
     import requests
 
-    code = getattr(err, "code", None)
-    if isinstance(code, int) and code >= 500:
-        return True
-    cause = getattr(err, "cause", None) or err.__cause__
-    if isinstance(cause, (requests.ConnectionError, requests.Timeout)):
-        return True
-    response = getattr(cause, "response", None)
-    return response is not None and response.status_code >= 500
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        code = getattr(e, "code", None)
+        if isinstance(code, int) and code >= 500:
+            return True
+        if isinstance(e, (requests.ConnectionError, requests.Timeout, TimeoutError)):
+            return True
+        response = getattr(e, "response", None)
+        if response is not None and getattr(response, "status_code", 0) >= 500:
+            return True
+        cause = getattr(e, "cause", None)
+        todo.extend([cause if isinstance(cause, BaseException) else None])
+        todo.extend([e.__cause__, e.__context__])
+    return False
 
 
 def _run_tap(query: str, tap_url: str, session, sync_timeout: float, async_timeout: float):
     """Run a TAP query: sync first, an async UWS job if the sync request times out or 5xx."""
     import pyvo
-    from pyvo.dal.exceptions import DALQueryError, DALServiceError
+    from pyvo.dal.exceptions import DALAccessError, DALQueryError, DALServiceError
 
     sync_session = _TimeoutSession(session, sync_timeout)
     service = pyvo.dal.TAPService(tap_url, session=sync_session)
@@ -555,7 +566,7 @@ def _run_tap(query: str, tap_url: str, session, sync_timeout: float, async_timeo
         raise ArchiveError(
             f"IRSA TAP rejected the query: {_tap_error_text(err)}", url=tap_url, cause=err
         ) from err
-    except DALServiceError as err:
+    except DALAccessError as err:
         if not _is_transient(err):
             raise ArchiveError(
                 f"IRSA TAP query failed: {_tap_error_text(err)}", url=tap_url, cause=err
@@ -592,7 +603,7 @@ def _run_tap(query: str, tap_url: str, session, sync_timeout: float, async_timeo
         raise ArchiveError(
             f"IRSA TAP rejected the query: {_tap_error_text(err)}", url=tap_url, cause=err
         ) from err
-    except DALServiceError as err:
+    except DALAccessError as err:
         raise ArchiveError(
             f"IRSA TAP async query failed: {_tap_error_text(err)}", url=tap_url, cause=err
         ) from err
