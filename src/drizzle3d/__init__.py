@@ -9,6 +9,7 @@ result is exposed as labelled :mod:`xarray` cubes.
 from importlib.metadata import PackageNotFoundError, version
 
 from drizzle3d.grid import OutputGrid, SpatialGrid, SpectralGrid
+from drizzle3d.resample import SUPPORTED_KERNELS, Drizzle3D, decode_context
 
 try:
     __version__ = version("drizzle3d")
@@ -16,8 +17,11 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "SUPPORTED_KERNELS",
+    "Drizzle3D",
     "OutputGrid",
     "SpatialGrid",
     "SpectralGrid",
     "__version__",
+    "decode_context",
 ]

@@ -1,0 +1,604 @@
+"""Compiled inner loops of the 3-D drizzle.
+
+Arrays in, accumulators out: these functions know nothing of WCS, files or xarray.
+Every function here is compiled by numba with ``cache=True, nogil=True``, so
+several threads can each fill their own accumulators at once.
+
+Conventions
+-----------
+- Output pixel ``(jj, ii)`` covers ``[ii - 0.5, ii + 0.5] x [jj - 0.5, jj + 0.5]``
+  in output pixel coordinates (STScI drizzle's convention).
+- All accumulators of one voxel sit together in one 64-byte block of a
+  ``(ny, nx, nz, 8)`` float64 array ``acc`` (fields ``F_*`` below); the flag
+  masks live in an int64 view of the same memory (``macc``). One voxel update
+  then touches one cache line, and the few wavelength bins an input pixel
+  touches are neighbours in memory.
+- A contribution to voxel ``(k, jj, ii)`` has weight ``w * a * f`` where ``w`` is
+  the input pixel weight, ``a`` the spatial weight (for ``square`` the exact
+  overlap area of the pixfrac-shrunk pixel quadrilateral with the output pixel,
+  in output pixels) and ``f`` the fraction of the pixel's (wave_pixfrac-shrunk)
+  band that falls in bin ``k``.
+"""
+
+import math
+
+import numba
+import numpy as np
+
+KERNEL_IDS = {
+    "square": 0,
+    "turbo": 1,
+    "point": 2,
+    "gaussian": 3,
+    "lanczos2": 4,
+    "lanczos3": 5,
+    "bilinear": 6,
+}
+
+# fields of the accumulator block of each voxel
+F_WF = 0  # sum of w a f * data
+F_W = 1  # sum of w a f
+F_W2V = 2  # sum of (w a f)**2 * var
+F_N = 3  # number of contributing input pixels (exact in float64)
+F_WL = 4  # sum of w a f * effective wavelength of the overlap
+F_WL2 = 5  # sum of w a f * second moment of the overlap's wavelength
+F_AND = 6  # bitwise AND of flags (int64 view; -1 where nothing landed)
+F_OR = 7  # bitwise OR of flags (int64 view)
+N_FIELDS = 8
+
+#: Spacing (input pixels) of the Lanczos look-up table, as in STScI drizzle 3.
+LANCZOS_LUT_STEP = 0.003
+
+
+def _jit(func):
+    return numba.njit(cache=True, nogil=True, error_model="numpy")(func)
+
+
+def _jit_inline(func):
+    return numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")(func)
+
+
+def lanczos_lut(order: int) -> np.ndarray:
+    """Tabulate ``sinc(x) sinc(x / order)`` every ``LANCZOS_LUT_STEP`` input pixels."""
+    n = math.ceil(order / LANCZOS_LUT_STEP) + 2
+    x = np.arange(n, dtype=np.float64) * LANCZOS_LUT_STEP
+    lut = np.where(x <= order, np.sinc(x) * np.sinc(x / order), 0.0)
+    lut[0] = 1.0
+    return lut
+
+
+@_jit_inline
+def _nint(x):
+    """Round half away from zero (Fortran NINT), as drizzle does."""
+    if x >= 0.0:
+        return math.floor(x + 0.5)
+    return -math.floor(0.5 - x)
+
+
+@_jit
+def _clamped_trapezoid(xa, ya, xb, yb):
+    """Integral over [xa, xb] of clamp(y, 0, 1) for y linear from ya to yb."""
+    w = xb - xa
+    if ya <= 0.0 and yb <= 0.0:
+        return 0.0
+    if ya >= 1.0 and yb >= 1.0:
+        return w
+    if ya >= 0.0 and ya <= 1.0 and yb >= 0.0 and yb <= 1.0:
+        return 0.5 * w * (ya + yb)
+    dy = yb - ya
+    t0 = -ya / dy
+    t1 = (1.0 - ya) / dy
+    tl = min(t0, t1)
+    th = max(t0, t1)
+    tl = min(max(tl, 0.0), 1.0)
+    th = min(max(th, 0.0), 1.0)
+    yl = min(max(ya + tl * dy, 0.0), 1.0)
+    yh = min(max(ya + th * dy, 0.0), 1.0)
+    area = w * (th - tl) * 0.5 * (yl + yh)
+    if ya > 1.0:
+        area += w * tl
+    if yb > 1.0:
+        area += w * (1.0 - th)
+    return area
+
+
+@_jit
+def _edge_integral(x1, y1, x2, y2):
+    """Signed integral along one polygon edge of clamp(y, 0, 1) over x in [0, 1]."""
+    if x1 == x2:
+        return 0.0
+    sign = 1.0
+    if x1 > x2:
+        x1, x2 = x2, x1
+        y1, y2 = y2, y1
+        sign = -1.0
+    if x2 <= 0.0 or x1 >= 1.0:
+        return 0.0
+    m = (y2 - y1) / (x2 - x1)
+    xa = max(x1, 0.0)
+    xb = min(x2, 1.0)
+    ya = y1 + m * (xa - x1)
+    yb = y1 + m * (xb - x1)
+    return sign * _clamped_trapezoid(xa, ya, xb, yb)
+
+
+@_jit
+def quad_pixel_overlap(xq, yq, ii, jj):
+    """Exact area of a quadrilateral's overlap with output pixel ``(jj, ii)``.
+
+    By Green's theorem the overlap is ``|sum over edges of the integral of
+    clamp(y, 0, 1) dx|`` restricted to the pixel's x range, in the pixel's frame.
+    Works for any simple quadrilateral, either orientation.
+    """
+    ox = ii - 0.5
+    oy = jj - 0.5
+    total = 0.0
+    for e in range(4):
+        f = (e + 1) & 3
+        total += _edge_integral(xq[e] - ox, yq[e] - oy, xq[f] - ox, yq[f] - oy)
+    return abs(total)
+
+
+@_jit_inline
+def _interp_pixmap(pixmap, px, py):
+    """Bilinear interpolation (extrapolation at the edges) of the pixmap at (px, py)."""
+    ny = pixmap.shape[0]
+    nx = pixmap.shape[1]
+    cx = min(max(math.floor(px), 0), nx - 2)
+    cy = min(max(math.floor(py), 0), ny - 2)
+    tx = px - cx
+    ty = py - cy
+    w00 = (1.0 - tx) * (1.0 - ty)
+    w10 = tx * (1.0 - ty)
+    w01 = (1.0 - tx) * ty
+    w11 = tx * ty
+    xo = (
+        w00 * pixmap[cy, cx, 0]
+        + w10 * pixmap[cy, cx + 1, 0]
+        + w01 * pixmap[cy + 1, cx, 0]
+        + w11 * pixmap[cy + 1, cx + 1, 0]
+    )
+    yo = (
+        w00 * pixmap[cy, cx, 1]
+        + w10 * pixmap[cy, cx + 1, 1]
+        + w01 * pixmap[cy + 1, cx, 1]
+        + w11 * pixmap[cy + 1, cx + 1, 1]
+    )
+    return xo, yo
+
+
+@_jit_inline
+def _first_bin(edges, lo):
+    """Index of the first bin whose upper edge lies above ``lo`` (binary search)."""
+    a = 0
+    b = edges.size - 1
+    while b - a > 1:
+        m = (a + b) >> 1
+        if edges[m] <= lo:
+            a = m
+        else:
+            b = m
+    return a
+
+
+@_jit_inline
+def _spectral_overlaps(edges, lo, hi, spec):
+    """Fractions of the band [lo, hi] in each bin it overlaps, once per input pixel.
+
+    Fills ``spec[n] = (k, fraction, centroid, second moment)`` for the ``n``
+    bins (consecutive, from the first) with positive overlap; returns ``n``.
+    """
+    nz = edges.size - 1
+    inv_width = 1.0 / (hi - lo)
+    n = 0
+    for k in range(_first_bin(edges, lo), nz):
+        el = edges[k]
+        if el >= hi or n >= spec.shape[0]:
+            break
+        eh = edges[k + 1]
+        ol = lo if lo > el else el
+        oh = hi if hi < eh else eh
+        ov = oh - ol
+        if ov <= 0.0:
+            continue
+        c = 0.5 * (ol + oh)
+        spec[n, 0] = k
+        spec[n, 1] = ov * inv_width
+        spec[n, 2] = c
+        spec[n, 3] = c * c + ov * ov / 12.0
+        n += 1
+    return n
+
+
+@_jit_inline
+def _deposit(jj, ii, a, afrac, w, d, v, flag, spec, nspec, min_overlap, track_wave, acc, macc):
+    """Add one spatial contribution (weight ``w * a``) to the bins listed in ``spec``.
+
+    Returns 1 if positive weight was added (for the context image), else 0.
+    """
+    hit = 0
+    wa0 = w * a
+    for n in range(nspec):
+        k = int(spec[n, 0])
+        f = spec[n, 1]
+        if min_overlap > 0.0 and afrac * f < min_overlap:
+            continue
+        macc[jj, ii, k, F_AND] &= flag
+        macc[jj, ii, k, F_OR] |= flag
+        wa = wa0 * f
+        if wa != 0.0:
+            acc[jj, ii, k, F_WF] += wa * d
+            acc[jj, ii, k, F_W] += wa
+            acc[jj, ii, k, F_W2V] += wa * wa * v
+            acc[jj, ii, k, F_N] += 1.0
+            if track_wave:
+                acc[jj, ii, k, F_WL] += wa * spec[n, 2]
+                acc[jj, ii, k, F_WL2] += wa * spec[n, 3]
+            if wa > 0.0:
+                hit = 1
+    return hit
+
+
+@_jit_inline
+def _ramp_antiderivative(y):
+    """F(y) with F' = clamp(y, 0, 1): 0 below 0, y**2 / 2 on [0, 1], y - 1/2 above."""
+    c = min(max(y, 0.0), 1.0)
+    return 0.5 * c * c + max(y - 1.0, 0.0)
+
+
+@_jit_inline
+def _quad_areas(xq, yq, i0, j0, ncol, nrow, area):
+    """Exact overlap areas of a quadrilateral with the output pixels of a box.
+
+    ``area[r, c]`` receives the signed overlap with output pixel
+    ``(j0 + r, i0 + c)`` (take ``abs``). Green's theorem edge by edge: every
+    edge piece within a column adds the integral of clamp(y - row bottom, 0, 1)
+    dx, which is ``(F(yb) - F(ya)) / slope`` with ``F`` the antiderivative of
+    the clamp: one branch-free expression for the rows below, across and above
+    the piece.
+    """
+    for r in range(nrow):
+        for c in range(ncol):
+            area[r, c] = 0.0
+    for e in range(4):
+        f = (e + 1) & 3
+        x1 = xq[e]
+        y1 = yq[e]
+        x2 = xq[f]
+        y2 = yq[f]
+        if x1 == x2:
+            continue
+        sign = 1.0
+        if x1 > x2:
+            x1, x2 = x2, x1
+            y1, y2 = y2, y1
+            sign = -1.0
+        m = (y2 - y1) / (x2 - x1)
+        c0 = max(_nint(x1) - i0, 0)
+        c1 = min(_nint(x2) - i0, ncol - 1)
+        for c in range(c0, c1 + 1):
+            left = i0 + c - 0.5
+            xa = max(x1, left)
+            xb = min(x2, left + 1.0)
+            if xb <= xa:
+                continue
+            ya = y1 + m * (xa - x1)
+            yb = y1 + m * (xb - x1)
+            dy = yb - ya
+            if abs(dy) < 1e-7:
+                # (nearly) flat piece: the integrand is constant to O(dy)
+                ym = 0.5 * (ya + yb)
+                wdt = sign * (xb - xa)
+                for r in range(nrow):
+                    area[r, c] += wdt * min(max(ym - (j0 + r - 0.5), 0.0), 1.0)
+            else:
+                scale = sign * (xb - xa) / dy
+                top = max(ya, yb)
+                for r in range(nrow):
+                    bottom = j0 + r - 0.5
+                    if top <= bottom:
+                        break
+                    area[r, c] += scale * (
+                        _ramp_antiderivative(yb - bottom) - _ramp_antiderivative(ya - bottom)
+                    )
+
+
+@_jit_inline
+def _band(wavemap, j, i, wave_pixfrac, lam_min, lam_max):
+    """(lo, hi) of a pixel's shrunk band, or (nan, nan) if it maps nowhere."""
+    lam = wavemap[j, i, 0]
+    bw = wavemap[j, i, 1]
+    if not (math.isfinite(lam) and math.isfinite(bw)):
+        return math.nan, math.nan
+    half = 0.5 * bw * wave_pixfrac
+    lo = lam - half
+    hi = lam + half
+    if hi <= lam_min or lo >= lam_max:
+        return math.nan, math.nan
+    return lo, hi
+
+
+@_jit
+def drizzle_square(
+    data, var, weight, flags, pixmap, wavemap, edges, pixfrac, wave_pixfrac, min_overlap,
+    track_wave, acc, macc, ctx, ctx_plane, ctx_bit, use_ctx, scratch,
+):  # fmt: skip
+    """Square kernel: exact overlap of the shrunk pixel quadrilateral with output pixels.
+
+    Corners of the pixfrac-shrunk input pixel are placed by bilinear
+    interpolation (extrapolation at the box edges) of the pixmap, so adjacent
+    pixels share corners when ``pixfrac == 1``. See :func:`drizzle_image`.
+    """
+    ny, nx = data.shape
+    ony = acc.shape[0]
+    onx = acc.shape[1]
+    nz = edges.size - 1
+    lam_min = edges[0]
+    lam_max = edges[nz]
+    dh = 0.5 * pixfrac
+    xq = np.empty(4)
+    yq = np.empty(4)
+    cdx = np.array([-dh, dh, dh, -dh])
+    cdy = np.array([-dh, -dh, dh, dh])
+    smax = scratch.shape[0]
+    spec = np.empty((nz, 4))
+    nmiss = 0
+    row_hit = np.zeros(ny, dtype=np.bool_)
+    for tj in range(0, ny, _TILE):
+        for ti in range(0, nx, _TILE):
+            for j in range(tj, min(tj + _TILE, ny)):
+                for i in range(ti, min(ti + _TILE, nx)):
+                    lo, hi = _band(wavemap, j, i, wave_pixfrac, lam_min, lam_max)
+                    if not math.isfinite(lo):
+                        nmiss += 1
+                        continue
+                    ok = True
+                    for c in range(4):
+                        xq[c], yq[c] = _interp_pixmap(pixmap, i + cdx[c], j + cdy[c])
+                        if not (math.isfinite(xq[c]) and math.isfinite(yq[c])):
+                            ok = False
+                    if not ok:
+                        nmiss += 1
+                        continue
+                    jaco = 0.5 * abs(
+                        (xq[0] - xq[2]) * (yq[1] - yq[3]) - (xq[1] - xq[3]) * (yq[0] - yq[2])
+                    )
+                    xmn = min(min(xq[0], xq[1]), min(xq[2], xq[3]))
+                    xmx = max(max(xq[0], xq[1]), max(xq[2], xq[3]))
+                    ymn = min(min(yq[0], yq[1]), min(yq[2], yq[3]))
+                    ymx = max(max(yq[0], yq[1]), max(yq[2], yq[3]))
+                    i0 = max(_nint(xmn), 0)
+                    i1 = min(_nint(xmx), onx - 1)
+                    j0 = max(_nint(ymn), 0)
+                    j1 = min(_nint(ymx), ony - 1)
+                    if jaco <= 0.0 or i1 < i0 or j1 < j0:
+                        nmiss += 1
+                        continue
+                    nspec = _spectral_overlaps(edges, lo, hi, spec)
+                    w = weight[j, i]
+                    d = data[j, i]
+                    v = var[j, i]
+                    flag = flags[j, i]
+                    ncol = i1 - i0 + 1
+                    nrow = j1 - j0 + 1
+                    landed = False
+                    if ncol <= smax and nrow <= smax:
+                        _quad_areas(xq, yq, i0, j0, ncol, nrow, scratch)
+                        for r in range(nrow):
+                            for c in range(ncol):
+                                a = abs(scratch[r, c])
+                                if a <= 1e-14 * jaco:
+                                    continue
+                                landed = True
+                                jj = j0 + r
+                                ii = i0 + c
+                                hit = _deposit(
+                            jj, ii, a, a / jaco, w, d, v, flag, spec, nspec,
+                            min_overlap, track_wave, acc, macc,
+                        )  # fmt: skip
+                                if use_ctx and hit:
+                                    ctx[ctx_plane, jj, ii] |= ctx_bit
+                    else:  # a drop larger than the scratch box: cell by cell
+                        for jj in range(j0, j1 + 1):
+                            for ii in range(i0, i1 + 1):
+                                a = quad_pixel_overlap(xq, yq, ii, jj)
+                                if a <= 1e-14 * jaco:
+                                    continue
+                                landed = True
+                                hit = _deposit(
+                            jj, ii, a, a / jaco, w, d, v, flag, spec, nspec,
+                            min_overlap, track_wave, acc, macc,
+                        )  # fmt: skip
+                                if use_ctx and hit:
+                                    ctx[ctx_plane, jj, ii] |= ctx_bit
+                    if landed:
+                        row_hit[j] = True
+                    else:
+                        nmiss += 1
+    return nmiss, ny - int(row_hit.sum())
+
+
+@_jit
+def drizzle_centred(
+    kernel_id, data, var, weight, flags, pixmap, wavemap, edges, pixfrac, wave_pixfrac, pscale,
+    min_overlap, track_wave, lut, acc, macc, ctx, ctx_plane, ctx_bit, use_ctx,
+):  # fmt: skip
+    """Kernels centred on the mapped pixel centre: turbo, point, gaussian, lanczos, bilinear.
+
+    The spatial weight of an output pixel is ``drop_area * frac`` where ``frac``
+    is drizzle's normalised kernel value there and ``drop_area`` the drop's area
+    in output pixels: ``(pixfrac / pscale)**2`` for turbo and gaussian,
+    ``1 / pscale**2`` for point, bilinear and Lanczos (which ignore pixfrac).
+    """
+    ny, nx = data.shape
+    ony = acc.shape[0]
+    onx = acc.shape[1]
+    nz = edges.size - 1
+    lam_min = edges[0]
+    lam_max = edges[nz]
+    inv_s = 1.0 / pscale
+    efac = 0.0
+    es = 0.0
+    sdp = 0.0
+    if kernel_id == 1:  # turbo: box of side pixfrac / pscale
+        half = pixfrac * inv_s * 0.5
+        drop_area = (pixfrac * inv_s) ** 2
+    elif kernel_id == 3:  # gaussian, FWHM = pixfrac input pixels
+        efac = (2.3548 * 2.3548) * pscale * pscale / (pixfrac * pixfrac) / 2.0
+        es = efac / math.pi
+        half = max(2.5 * pixfrac / 2.3548 * inv_s, 1.2 * inv_s)
+        drop_area = (pixfrac * inv_s) ** 2
+    elif kernel_id == 4 or kernel_id == 5:  # lanczos2/3
+        half = (2.0 if kernel_id == 4 else 3.0) * inv_s
+        sdp = pscale / LANCZOS_LUT_STEP
+        drop_area = inv_s * inv_s
+    else:  # point (2), bilinear (6)
+        half = 0.0
+        drop_area = inv_s * inv_s
+    nlut = lut.size
+    spec = np.empty((nz, 4))
+    nmiss = 0
+    row_hit = np.zeros(ny, dtype=np.bool_)
+    for tj in range(0, ny, _TILE):
+        for ti in range(0, nx, _TILE):
+            for j in range(tj, min(tj + _TILE, ny)):
+                for i in range(ti, min(ti + _TILE, nx)):
+                    lo, hi = _band(wavemap, j, i, wave_pixfrac, lam_min, lam_max)
+                    xc = pixmap[j, i, 0]
+                    yc = pixmap[j, i, 1]
+                    if not (math.isfinite(lo) and math.isfinite(xc) and math.isfinite(yc)):
+                        nmiss += 1
+                        continue
+                    nspec = _spectral_overlaps(edges, lo, hi, spec)
+                    w = weight[j, i]
+                    d = data[j, i]
+                    v = var[j, i]
+                    flag = flags[j, i]
+                    landed = False
+                    if kernel_id == 2:  # point
+                        ii = _nint(xc)
+                        jj = _nint(yc)
+                        if ii >= 0 and ii < onx and jj >= 0 and jj < ony:
+                            landed = True
+                            hit = _deposit(
+                        jj, ii, drop_area, 1.0, w, d, v, flag, spec, nspec,
+                        min_overlap, track_wave, acc, macc,
+                    )  # fmt: skip
+                            if use_ctx and hit:
+                                ctx[ctx_plane, jj, ii] |= ctx_bit
+                    elif kernel_id == 6:  # bilinear weights on the four nearest output centres
+                        fx = math.floor(xc)
+                        fy = math.floor(yc)
+                        tx = xc - fx
+                        ty = yc - fy
+                        for q in range(4):
+                            ii = int(fx) + (q & 1)
+                            jj = int(fy) + (q >> 1)
+                            if ii < 0 or ii >= onx or jj < 0 or jj >= ony:
+                                continue
+                            bx = tx if (q & 1) else 1.0 - tx
+                            by = ty if (q >> 1) else 1.0 - ty
+                            frac = bx * by
+                            if frac <= 0.0:
+                                continue
+                            landed = True
+                            hit = _deposit(
+                        jj, ii, drop_area * frac, frac, w, d, v, flag, spec, nspec,
+                        min_overlap, track_wave, acc, macc,
+                    )  # fmt: skip
+                            if use_ctx and hit:
+                                ctx[ctx_plane, jj, ii] |= ctx_bit
+                    else:  # turbo, gaussian, lanczos
+                        i0 = max(_nint(xc - half), 0)
+                        i1 = min(_nint(xc + half), onx - 1)
+                        j0 = max(_nint(yc - half), 0)
+                        j1 = min(_nint(yc + half), ony - 1)
+                        for jj in range(j0, j1 + 1):
+                            for ii in range(i0, i1 + 1):
+                                if kernel_id == 1:
+                                    ox = min(xc + half, ii + 0.5) - max(xc - half, ii - 0.5)
+                                    oy = min(yc + half, jj + 0.5) - max(yc - half, jj - 0.5)
+                                    if ox <= 0.0 or oy <= 0.0:
+                                        continue
+                                    frac = ox * oy / drop_area
+                                elif kernel_id == 3:
+                                    ddx = xc - ii
+                                    ddy = yc - jj
+                                    frac = es * math.exp(-(ddx * ddx + ddy * ddy) * efac)
+                                else:
+                                    ix = _nint(abs(xc - ii) * sdp)
+                                    iy = _nint(abs(yc - jj) * sdp)
+                                    if ix >= nlut or iy >= nlut:
+                                        continue
+                                    frac = lut[ix] * lut[iy]
+                                if frac == 0.0:
+                                    continue
+                                landed = True
+                                hit = _deposit(
+                            jj, ii, drop_area * frac, frac, w, d, v, flag, spec, nspec,
+                            min_overlap, track_wave, acc, macc,
+                        )  # fmt: skip
+                                if use_ctx and hit:
+                                    ctx[ctx_plane, jj, ii] |= ctx_bit
+                    if landed:
+                        row_hit[j] = True
+                    else:
+                        nmiss += 1
+    return nmiss, ny - int(row_hit.sum())
+
+
+def drizzle_image(
+    kernel_id, data, var, weight, flags, pixmap, wavemap, edges, pixfrac, wave_pixfrac, pscale,
+    min_overlap, track_wave, lut, acc, macc, ctx, ctx_plane, ctx_bit, use_ctx,
+):  # fmt: skip
+    """Drizzle one image (or one box of it) into the accumulators, in place.
+
+    Parameters
+    ----------
+    kernel_id : int
+        One of ``KERNEL_IDS``.
+    data, var, weight : float64 (ny, nx)
+        Input values, variances and weights (weight 0 = lands but adds nothing).
+    flags : int64 (ny, nx)
+        Input flag bits (non-negative).
+    pixmap, wavemap : float64 (ny, nx, 2)
+        Output (x, y) of each pixel centre; central wavelength and bandwidth.
+    edges : float64 (nz + 1,)
+        Increasing wavelength bin edges.
+    pixfrac, wave_pixfrac, pscale, min_overlap : float
+        Spatial and spectral shrink factors, output/input pixel-size ratio, and
+        minimum fraction of a drop's volume for a voxel contribution to count.
+    track_wave : bool
+        Accumulate the effective-wavelength moments.
+    lut : float64 array
+        Lanczos look-up table (ignored by other kernels).
+    acc : float64 (ny_out, nx_out, nz, N_FIELDS)
+        Accumulator blocks, updated in place.
+    macc : int64 (ny_out, nx_out, nz, N_FIELDS)
+        An int64 view of the same memory as ``acc`` (flag masks).
+    ctx : int32 (nplanes, ny_out, nx_out)
+    ctx_plane, ctx_bit, use_ctx : int, int32, bool
+
+    Returns
+    -------
+    nmiss, nskip : int
+        Input pixels that landed nowhere, and input rows none of whose pixels landed.
+    """
+    if kernel_id == 0:
+        scratch = np.empty((_SCRATCH, _SCRATCH))
+        return drizzle_square(
+            data, var, weight, flags, pixmap, wavemap, edges, pixfrac, wave_pixfrac,
+            min_overlap, track_wave, acc, macc, ctx, ctx_plane, ctx_bit, use_ctx, scratch,
+        )  # fmt: skip
+    return drizzle_centred(
+        kernel_id, data, var, weight, flags, pixmap, wavemap, edges, pixfrac, wave_pixfrac,
+        pscale, min_overlap, track_wave, lut, acc, macc, ctx, ctx_plane, ctx_bit, use_ctx,
+    )  # fmt: skip
+
+
+# input pixels are visited in square tiles of this side, so that the output
+# voxels one tile writes stay in cache whatever the rotation of the map
+_TILE = 32
+
+# side of the scratch box for per-pixel overlap areas (larger drops go cell by cell)
+_SCRATCH = 16
