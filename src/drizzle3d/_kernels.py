@@ -240,6 +240,28 @@ def _deposit(jj, ii, a, afrac, w, d, v, flag, spec, nspec, min_overlap, track_wa
 
 
 @_jit_inline
+def _contribute(
+    jj, ii, a, afrac, w, d, v, flag, spec, nspec, min_overlap, track_wave,
+    acc, macc, ctx, ctx_plane, ctx_bit, use_ctx, gather, cube,
+):  # fmt: skip
+    """Deposit one spatial contribution (and set the context bit), or, with
+    ``gather``, return ``sum_k w a f_k cube[jj, ii, k]`` instead (the transpose)."""
+    if gather:
+        wa0 = w * a
+        total = 0.0
+        for n in range(nspec):
+            f = spec[n, 1]
+            if min_overlap > 0.0 and afrac * f < min_overlap:
+                continue
+            total += wa0 * f * cube[jj, ii, int(spec[n, 0])]
+        return total
+    hit = _deposit(jj, ii, a, afrac, w, d, v, flag, spec, nspec, min_overlap, track_wave, acc, macc)
+    if use_ctx and hit:
+        ctx[ctx_plane, jj, ii] |= ctx_bit
+    return 0.0
+
+
+@_jit_inline
 def _ramp_antiderivative(y):
     """F(y) with F' = clamp(y, 0, 1): 0 below 0, y**2 / 2 on [0, 1], y - 1/2 above."""
     c = min(max(y, 0.0), 1.0)
@@ -321,7 +343,7 @@ def _band(wavemap, j, i, wave_pixfrac, lam_min, lam_max):
 @_jit
 def drizzle_square(
     data, var, weight, flags, pixmap, wavemap, edges, pixfrac, wave_pixfrac, min_overlap,
-    track_wave, acc, macc, ctx, ctx_plane, ctx_bit, use_ctx, scratch,
+    track_wave, acc, macc, ctx, ctx_plane, ctx_bit, use_ctx, scratch, gather, cube, gout,
 ):  # fmt: skip
     """Square kernel: exact overlap of the shrunk pixel quadrilateral with output pixels.
 
@@ -330,8 +352,8 @@ def drizzle_square(
     pixels share corners when ``pixfrac == 1``. See :func:`drizzle_image`.
     """
     ny, nx = data.shape
-    ony = acc.shape[0]
-    onx = acc.shape[1]
+    ony = cube.shape[0] if gather else acc.shape[0]
+    onx = cube.shape[1] if gather else acc.shape[1]
     nz = edges.size - 1
     lam_min = edges[0]
     lam_max = edges[nz]
@@ -382,6 +404,7 @@ def drizzle_square(
                     ncol = i1 - i0 + 1
                     nrow = j1 - j0 + 1
                     landed = False
+                    gsum = 0.0
                     if ncol <= smax and nrow <= smax:
                         _quad_areas(xq, yq, i0, j0, ncol, nrow, scratch)
                         for r in range(nrow):
@@ -392,12 +415,28 @@ def drizzle_square(
                                 landed = True
                                 jj = j0 + r
                                 ii = i0 + c
-                                hit = _deposit(
-                            jj, ii, a, a / jaco, w, d, v, flag, spec, nspec,
-                            min_overlap, track_wave, acc, macc,
-                        )  # fmt: skip
-                                if use_ctx and hit:
-                                    ctx[ctx_plane, jj, ii] |= ctx_bit
+                                gsum += _contribute(
+                                    jj,
+                                    ii,
+                                    a,
+                                    a / jaco,
+                                    w,
+                                    d,
+                                    v,
+                                    flag,
+                                    spec,
+                                    nspec,
+                                    min_overlap,
+                                    track_wave,
+                                    acc,
+                                    macc,
+                                    ctx,
+                                    ctx_plane,
+                                    ctx_bit,
+                                    use_ctx,
+                                    gather,
+                                    cube,
+                                )
                     else:  # a drop larger than the scratch box: cell by cell
                         for jj in range(j0, j1 + 1):
                             for ii in range(i0, i1 + 1):
@@ -405,12 +444,30 @@ def drizzle_square(
                                 if a <= 1e-14 * jaco:
                                     continue
                                 landed = True
-                                hit = _deposit(
-                            jj, ii, a, a / jaco, w, d, v, flag, spec, nspec,
-                            min_overlap, track_wave, acc, macc,
-                        )  # fmt: skip
-                                if use_ctx and hit:
-                                    ctx[ctx_plane, jj, ii] |= ctx_bit
+                                gsum += _contribute(
+                                    jj,
+                                    ii,
+                                    a,
+                                    a / jaco,
+                                    w,
+                                    d,
+                                    v,
+                                    flag,
+                                    spec,
+                                    nspec,
+                                    min_overlap,
+                                    track_wave,
+                                    acc,
+                                    macc,
+                                    ctx,
+                                    ctx_plane,
+                                    ctx_bit,
+                                    use_ctx,
+                                    gather,
+                                    cube,
+                                )
+                    if gather:
+                        gout[j, i] = gsum
                     if landed:
                         row_hit[j] = True
                     else:
@@ -421,7 +478,7 @@ def drizzle_square(
 @_jit
 def drizzle_centred(
     kernel_id, data, var, weight, flags, pixmap, wavemap, edges, pixfrac, wave_pixfrac, pscale,
-    min_overlap, track_wave, lut, acc, macc, ctx, ctx_plane, ctx_bit, use_ctx,
+    min_overlap, track_wave, lut, acc, macc, ctx, ctx_plane, ctx_bit, use_ctx, gather, cube, gout,
 ):  # fmt: skip
     """Kernels centred on the mapped pixel centre: turbo, point, gaussian, lanczos, bilinear.
 
@@ -431,8 +488,8 @@ def drizzle_centred(
     ``1 / pscale**2`` for point, bilinear and Lanczos (which ignore pixfrac).
     """
     ny, nx = data.shape
-    ony = acc.shape[0]
-    onx = acc.shape[1]
+    ony = cube.shape[0] if gather else acc.shape[0]
+    onx = cube.shape[1] if gather else acc.shape[1]
     nz = edges.size - 1
     lam_min = edges[0]
     lam_max = edges[nz]
@@ -475,17 +532,34 @@ def drizzle_centred(
                     v = var[j, i]
                     flag = flags[j, i]
                     landed = False
+                    gsum = 0.0
                     if kernel_id == 2:  # point
                         ii = _nint(xc)
                         jj = _nint(yc)
                         if ii >= 0 and ii < onx and jj >= 0 and jj < ony:
                             landed = True
-                            hit = _deposit(
-                        jj, ii, drop_area, 1.0, w, d, v, flag, spec, nspec,
-                        min_overlap, track_wave, acc, macc,
-                    )  # fmt: skip
-                            if use_ctx and hit:
-                                ctx[ctx_plane, jj, ii] |= ctx_bit
+                            gsum += _contribute(
+                                jj,
+                                ii,
+                                drop_area,
+                                1.0,
+                                w,
+                                d,
+                                v,
+                                flag,
+                                spec,
+                                nspec,
+                                min_overlap,
+                                track_wave,
+                                acc,
+                                macc,
+                                ctx,
+                                ctx_plane,
+                                ctx_bit,
+                                use_ctx,
+                                gather,
+                                cube,
+                            )
                     elif kernel_id == 6:  # bilinear weights on the four nearest output centres
                         fx = math.floor(xc)
                         fy = math.floor(yc)
@@ -502,12 +576,28 @@ def drizzle_centred(
                             if frac <= 0.0:
                                 continue
                             landed = True
-                            hit = _deposit(
-                        jj, ii, drop_area * frac, frac, w, d, v, flag, spec, nspec,
-                        min_overlap, track_wave, acc, macc,
-                    )  # fmt: skip
-                            if use_ctx and hit:
-                                ctx[ctx_plane, jj, ii] |= ctx_bit
+                            gsum += _contribute(
+                                jj,
+                                ii,
+                                drop_area * frac,
+                                frac,
+                                w,
+                                d,
+                                v,
+                                flag,
+                                spec,
+                                nspec,
+                                min_overlap,
+                                track_wave,
+                                acc,
+                                macc,
+                                ctx,
+                                ctx_plane,
+                                ctx_bit,
+                                use_ctx,
+                                gather,
+                                cube,
+                            )
                     else:  # turbo, gaussian, lanczos
                         i0 = max(_nint(xc - half), 0)
                         i1 = min(_nint(xc + half), onx - 1)
@@ -534,12 +624,30 @@ def drizzle_centred(
                                 if frac == 0.0:
                                     continue
                                 landed = True
-                                hit = _deposit(
-                            jj, ii, drop_area * frac, frac, w, d, v, flag, spec, nspec,
-                            min_overlap, track_wave, acc, macc,
-                        )  # fmt: skip
-                                if use_ctx and hit:
-                                    ctx[ctx_plane, jj, ii] |= ctx_bit
+                                gsum += _contribute(
+                                    jj,
+                                    ii,
+                                    drop_area * frac,
+                                    frac,
+                                    w,
+                                    d,
+                                    v,
+                                    flag,
+                                    spec,
+                                    nspec,
+                                    min_overlap,
+                                    track_wave,
+                                    acc,
+                                    macc,
+                                    ctx,
+                                    ctx_plane,
+                                    ctx_bit,
+                                    use_ctx,
+                                    gather,
+                                    cube,
+                                )
+                    if gather:
+                        gout[j, i] = gsum
                     if landed:
                         row_hit[j] = True
                     else:
@@ -550,6 +658,7 @@ def drizzle_centred(
 def drizzle_image(
     kernel_id, data, var, weight, flags, pixmap, wavemap, edges, pixfrac, wave_pixfrac, pscale,
     min_overlap, track_wave, lut, acc, macc, ctx, ctx_plane, ctx_bit, use_ctx,
+    gather=False, cube=None, gout=None,
 ):  # fmt: skip
     """Drizzle one image (or one box of it) into the accumulators, in place.
 
@@ -578,21 +687,32 @@ def drizzle_image(
         An int64 view of the same memory as ``acc`` (flag masks).
     ctx : int32 (nplanes, ny_out, nx_out)
     ctx_plane, ctx_bit, use_ctx : int, int32, bool
+    gather : bool
+        Instead of depositing, compute the transpose: ``gout[j, i] = sum over
+        voxels of w a f cube[jj, ii, k]`` (accumulators untouched).
+    cube : float64 (ny_out, nx_out, nz), with ``gather``
+    gout : float64 (ny, nx), with ``gather``; written in place.
 
     Returns
     -------
     nmiss, nskip : int
         Input pixels that landed nowhere, and input rows none of whose pixels landed.
     """
+    if cube is None:
+        cube = np.zeros((1, 1, 1))
+    if gout is None:
+        gout = np.zeros((1, 1))
     if kernel_id == 0:
         scratch = np.empty((_SCRATCH, _SCRATCH))
         return drizzle_square(
             data, var, weight, flags, pixmap, wavemap, edges, pixfrac, wave_pixfrac,
             min_overlap, track_wave, acc, macc, ctx, ctx_plane, ctx_bit, use_ctx, scratch,
+            gather, cube, gout,
         )  # fmt: skip
     return drizzle_centred(
         kernel_id, data, var, weight, flags, pixmap, wavemap, edges, pixfrac, wave_pixfrac,
         pscale, min_overlap, track_wave, lut, acc, macc, ctx, ctx_plane, ctx_bit, use_ctx,
+        gather, cube, gout,
     )  # fmt: skip
 
 

@@ -10,6 +10,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 import xarray as xr
@@ -37,6 +38,22 @@ DIMS = ("wavelength", "y", "x")
 CTX_PLANE_BITS = 32
 
 _NON_CONSERVING = ("gaussian", "lanczos2", "lanczos3")
+
+
+class _Prepared(NamedTuple):
+    """One image's validated arrays, restricted to its box."""
+
+    data: np.ndarray
+    var: np.ndarray
+    weight: np.ndarray
+    flags: np.ndarray
+    pixmap: np.ndarray
+    wavemap: np.ndarray
+    pscale: float
+    exptime: float
+    box_shape: tuple
+
+
 _FLAG_BITS = 0xFFFFFFFF
 # accumulator names in ``state`` -> field of the interleaved accumulator block
 _FIELDS = {
@@ -497,6 +514,7 @@ class Drizzle3D:
         ymin=None,
         ymax=None,
         pixel_scale_ratio=None,
+        ctx_id=None,
     ):
         """Drizzle one image into the cube; either all of it or, on error, nothing.
 
@@ -523,6 +541,10 @@ class Drizzle3D:
             Output pixel size in input pixels, which sets the size of the
             ``turbo``, ``gaussian`` and Lanczos kernels; estimated from the
             pixmap when not given.
+        ctx_id : int, optional
+            Context id of this image (default: :attr:`ctx_id`, the next one).
+            Partial drizzles of interleaved subsets of images give each image
+            its own id so that they :meth:`merge` into the serial result.
 
         Returns
         -------
@@ -536,6 +558,68 @@ class Drizzle3D:
         TypeError, ValueError
             On any bad argument; the object is then left unchanged.
         """
+        if ctx_id is None:
+            ctx_id = self._ctx_id
+        elif isinstance(ctx_id, bool) or not isinstance(ctx_id, numbers.Integral) or ctx_id < 0:
+            raise ValueError(f"'ctx_id' must be a non-negative int; got {ctx_id!r}.")
+        ctx_id = int(ctx_id)
+        if ctx_id in self._ctx_ids:
+            raise ValueError(f"'ctx_id' {ctx_id} was already used by an image added to this cube.")
+        p = self._prepare(
+            data, var, flags, pixmap, wavemap, weight_map, wht_scale, exptime,
+            xmin, xmax, ymin, ymax, pixel_scale_ratio,
+        )  # fmt: skip
+        # ---- everything is valid: now touch the state --------------------------
+        if self._kernel in _NON_CONSERVING:
+            warnings.warn(
+                f"kernel {self._kernel!r} does not conserve flux or weight.",
+                UserWarning,
+                stacklevel=2,
+            )
+        use_ctx = not self._disable_ctx
+        if use_ctx:
+            self._ensure_ctx_planes(ctx_id)
+            plane = ctx_id // CTX_PLANE_BITS
+            bit = np.int32(np.uint32(1 << (ctx_id % CTX_PLANE_BITS)).view(np.int32))
+            ctx = self._ctx
+        else:
+            plane, bit = 0, np.int32(0)
+            ctx = np.zeros((1, 1, 1), dtype=np.int32)
+        lut = _lanczos_lut(self._kernel)
+        nmiss, nskip = _kernels.drizzle_image(
+            _kernels.KERNEL_IDS[self._kernel],
+            p.data,
+            p.var,
+            p.weight,
+            p.flags,
+            p.pixmap,
+            p.wavemap,
+            self._edges,
+            self._pixfrac,
+            self._wave_pixfrac,
+            p.pscale,
+            self._min_overlap,
+            self._track_wave,
+            lut,
+            self._acc,
+            self._macc,
+            ctx,
+            plane,
+            bit,
+            use_ctx,
+        )
+        self._ctx_ids.append(ctx_id)
+        self._ctx_id = max(self._ctx_id, ctx_id + 1)
+        self._n_images += 1
+        self._total_exptime += p.exptime
+        logger.debug("add_image: nmiss=%d nskip=%d (box %s)", nmiss, nskip, p.data.shape)
+        return int(nmiss), int(nskip)
+
+    def _prepare(
+        self, data, var, flags, pixmap, wavemap, weight_map, wht_scale, exptime,
+        xmin, xmax, ymin, ymax, pixel_scale_ratio,
+    ):  # fmt: skip
+        """Validate one image's arguments and compute its pixel weights (no state change)."""
         data = _as_image("data", data)
         shape = data.shape
         var = _as_image("var", var, shape)
@@ -605,7 +689,7 @@ class Drizzle3D:
         else:
             pscale = _estimate_pixel_scale_ratio(pixmap)
 
-        # ---- everything is valid: compute weights, then touch the state -------
+        # ---- everything is valid: the image's own arrays ----------------------
         sl = (slice(y0, y1 + 1), slice(x0, x1 + 1))
         d = np.ascontiguousarray(data[sl], dtype=np.float64)
         v = np.ascontiguousarray(var[sl], dtype=np.float64)
@@ -615,52 +699,97 @@ class Drizzle3D:
             f = np.ascontiguousarray(flags[sl]).astype(np.int64) & _FLAG_BITS
         w = self._weights(d, v, f, None if weight_map is None else weight_map[sl], exptime)
         w *= wht_scale
+        return _Prepared(d, v, w, f, pixmap, wavemap, pscale, exptime, box_shape)
 
-        if self._kernel in _NON_CONSERVING:
-            warnings.warn(
-                f"kernel {self._kernel!r} does not conserve flux or weight.",
-                UserWarning,
-                stacklevel=2,
+    def transpose(
+        self,
+        cube,
+        var,
+        flags,
+        pixmap,
+        wavemap,
+        *,
+        weight_map=None,
+        wht_scale=1.0,
+        exptime=1.0,
+        xmin=None,
+        xmax=None,
+        ymin=None,
+        ymax=None,
+        pixel_scale_ratio=None,
+    ) -> np.ndarray:
+        """Apply the transpose of this image's drizzle operator to a cube.
+
+        Returns ``c`` with ``c[j, i] = sum over voxels v of w_p a_vp f_vp cube[v]``
+        for input pixel ``p = (j, i)``: the weights :meth:`add_image` would give
+        that pixel's contributions, summed against ``cube`` instead of
+        accumulated. Nothing in this object changes.
+
+        With ``cube = aperture / out_wht`` (zero where no weight), ``c[p]`` is the
+        coefficient of input pixel ``p`` in the aperture sum of ``out_sci``, so
+        the exact variance of that sum, correlations included, is
+        ``sum over images of sum(c**2 * var)``.
+
+        Parameters
+        ----------
+        cube : array_like or xarray.DataArray, shape (nz, ny, nx)
+            Finite values on this object's grid.
+        var, flags, pixmap, wavemap, weight_map, wht_scale, exptime, xmin, xmax, ymin, ymax, \
+pixel_scale_ratio
+            As for :meth:`add_image` (``var`` and ``flags`` set the weights).
+
+        Returns
+        -------
+        numpy.ndarray
+            float64, the shape of ``var``; zero outside the ``xmin..ymax`` box
+            and for pixels that land nowhere.
+        """
+        c = np.asarray(getattr(cube, "values", cube))
+        if c.shape != self._shape:
+            raise ValueError(f"'cube' must have the cube's shape {self._shape}; got {c.shape}.")
+        if c.dtype.kind not in "fiu":
+            raise TypeError(f"'cube' must be a real numeric array; got dtype {c.dtype}.")
+        if not np.all(np.isfinite(c)):
+            raise ValueError(
+                "'cube' must be finite everywhere (use 0 where a voxel must not count)."
             )
-        ctx_id = self._ctx_id
-        use_ctx = not self._disable_ctx
-        if use_ctx:
-            self._ensure_ctx_planes(ctx_id)
-            plane = ctx_id // CTX_PLANE_BITS
-            bit = np.int32(np.uint32(1 << (ctx_id % CTX_PLANE_BITS)).view(np.int32))
-            ctx = self._ctx
-        else:
-            plane, bit = 0, np.int32(0)
-            ctx = np.zeros((1, 1, 1), dtype=np.int32)
-        lut = _lanczos_lut(self._kernel)
-        nmiss, nskip = _kernels.drizzle_image(
+        var_arr = _as_image("var", var)
+        p = self._prepare(
+            var_arr, var_arr, flags, pixmap, wavemap, weight_map, wht_scale, exptime,
+            xmin, xmax, ymin, ymax, pixel_scale_ratio,
+        )  # fmt: skip
+        cube_yxz = np.ascontiguousarray(np.moveaxis(c, 0, 2), dtype=np.float64)
+        box = np.zeros(p.data.shape, dtype=np.float64)
+        _kernels.drizzle_image(
             _kernels.KERNEL_IDS[self._kernel],
-            d,
-            v,
-            w,
-            f,
-            pixmap,
-            wavemap,
+            p.data,
+            p.var,
+            p.weight,
+            p.flags,
+            p.pixmap,
+            p.wavemap,
             self._edges,
             self._pixfrac,
             self._wave_pixfrac,
-            pscale,
+            p.pscale,
             self._min_overlap,
-            self._track_wave,
-            lut,
-            self._acc,
-            self._macc,
-            ctx,
-            plane,
-            bit,
-            use_ctx,
+            False,
+            _lanczos_lut(self._kernel),
+            _DUMMY_ACC,
+            _DUMMY_ACC.view(np.int64),
+            np.zeros((1, 1, 1), dtype=np.int32),
+            0,
+            np.int32(0),
+            False,
+            True,
+            cube_yxz,
+            box,
         )
-        self._ctx_ids.append(ctx_id)
-        self._ctx_id += 1
-        self._n_images += 1
-        self._total_exptime += exptime
-        logger.debug("add_image: nmiss=%d nskip=%d (box %s)", nmiss, nskip, box_shape)
-        return int(nmiss), int(nskip)
+        out = np.zeros(var_arr.shape, dtype=np.float64)
+        y0 = 0 if ymin is None else int(ymin)
+        x0 = 0 if xmin is None else int(xmin)
+        out[y0 : y0 + box.shape[0], x0 : x0 + box.shape[1]] = box
+        return out
 
     def _weights(self, d, v, f, weight_map, exptime):
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -975,6 +1104,7 @@ def _lanczos_lut(kernel):
 
 
 _LUTS: dict = {}
+_DUMMY_ACC = np.zeros((1, 1, 1, _kernels.N_FIELDS))
 _EMPTY_LUT = np.zeros(1)
 
 
