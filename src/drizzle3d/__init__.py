@@ -8,8 +8,29 @@ result is exposed as labelled :mod:`xarray` cubes.
 
 from importlib.metadata import PackageNotFoundError, version
 
+from drizzle3d.archive import ArchiveError, FetchResult, fetch, query_spherex
 from drizzle3d.grid import OutputGrid, SpatialGrid, SpectralGrid
+from drizzle3d.pixmap import BBox, calc_pixmap, estimate_pixel_scale_ratio, footprint_bbox
 from drizzle3d.resample import SUPPORTED_KERNELS, Drizzle3D, decode_context
+from drizzle3d.simulate import (
+    ExtendedSource,
+    Line,
+    PointSource,
+    Sky,
+    Spectrum,
+    make_cutout,
+    simulate_field,
+    write_exposure,
+)
+from drizzle3d.spherex import (
+    DEFAULT_EXCLUDE_FLAGS,
+    SpherexFileError,
+    SpherexImage,
+    fit_zodi_scale,
+    flag_bits,
+    read_spherex,
+    spectral_wavemap,
+)
 
 try:
     __version__ = version("drizzle3d")
@@ -17,11 +38,34 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "DEFAULT_EXCLUDE_FLAGS",
     "SUPPORTED_KERNELS",
+    "ArchiveError",
+    "BBox",
     "Drizzle3D",
+    "ExtendedSource",
+    "FetchResult",
+    "Line",
     "OutputGrid",
+    "PointSource",
+    "Sky",
     "SpatialGrid",
     "SpectralGrid",
+    "Spectrum",
+    "SpherexFileError",
+    "SpherexImage",
     "__version__",
+    "calc_pixmap",
     "decode_context",
+    "estimate_pixel_scale_ratio",
+    "fetch",
+    "fit_zodi_scale",
+    "flag_bits",
+    "footprint_bbox",
+    "make_cutout",
+    "query_spherex",
+    "read_spherex",
+    "simulate_field",
+    "spectral_wavemap",
+    "write_exposure",
 ]
