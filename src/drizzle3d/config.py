@@ -1,0 +1,630 @@
+"""Run configuration: a validated, YAML round-trippable :class:`Drizzle3DConfig`.
+
+A configuration is a tree of frozen dataclasses. :meth:`Drizzle3DConfig.from_dict`
+(and :meth:`~Drizzle3DConfig.from_yaml`) reject unknown keys, naming the key and
+the allowed ones, and bad values, naming the key and the allowed values;
+:meth:`~Drizzle3DConfig.to_yaml` writes every field so that
+``Drizzle3DConfig.from_yaml(c.to_yaml()) == c`` exactly (floats are written in
+their shortest exact form; explicit spectral edges survive bit for bit).
+
+Examples
+--------
+>>> from drizzle3d.config import Drizzle3DConfig
+>>> c = Drizzle3DConfig.from_dict({"region": {"ra": 150.0, "dec": 2.0, "width": 10.0}})
+>>> c.region.height, c.drizzle.weighting
+(10.0, 'background')
+>>> Drizzle3DConfig.from_yaml(c.to_yaml()) == c
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from drizzle3d.spherex import FLAG_TABLE
+
+__all__ = [
+    "EXAMPLE_YAML",
+    "DownloadConfig",
+    "Drizzle3DConfig",
+    "DrizzleConfig",
+    "InputsConfig",
+    "OutliersConfig",
+    "OutputConfig",
+    "RegionConfig",
+    "SpectralConfig",
+]
+
+KERNELS = ("square", "turbo", "point", "gaussian", "lanczos2", "lanczos3", "bilinear")
+WEIGHTINGS = ("background", "ivm", "exptime", "uniform")
+ZODI = ("none", "static", "fit")
+SPECTRAL_MODES = ("native", "oversampled", "constant_r", "edges")
+FORMATS = ("fits", "netcdf", "zarr")
+DOWNLOAD_MODES = ("full", "cutout")
+_DEFAULT_EXCLUDE = (
+    "TRANSIENT",
+    "OVERFLOW",
+    "SUR_ERROR",
+    "PHANTOM",
+    "REFERENCE",
+    "NONFUNC",
+    "DICHROIC",
+    "MISSING_DATA",
+    "HOT",
+    "COLD",
+    "PHANMISS",
+    "NONLINEAR",
+    "PERSIST",
+    "OUTLIER",
+)
+
+
+# ---------------------------------------------------------------------------
+# validation helpers (messages: "'<key>' must <expectation>; got <actual>.")
+# ---------------------------------------------------------------------------
+
+
+def _num(key, value, *, low=None, high=None, low_open=False, allow_inf=False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"'{key}' must be a number; got {value!r}.")
+    value = float(value)
+    if math.isnan(value) or (math.isinf(value) and not allow_inf):
+        raise ValueError(f"'{key}' must be finite; got {value!r}.")
+    if low is not None and (value <= low if low_open else value < low):
+        op = ">" if low_open else ">="
+        raise ValueError(f"'{key}' must be {op} {low}; got {value!r}.")
+    if high is not None and value > high:
+        raise ValueError(f"'{key}' must be <= {high}; got {value!r}.")
+    return value
+
+
+def _int(key, value, *, low=None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"'{key}' must be an integer; got {value!r}.")
+    if low is not None and value < low:
+        raise ValueError(f"'{key}' must be >= {low}; got {value!r}.")
+    return int(value)
+
+
+def _choice(key, value, allowed) -> str:
+    if not isinstance(value, str) or value.lower() not in allowed:
+        raise ValueError(f"'{key}' must be one of {list(allowed)}; got {value!r}.")
+    return value.lower()
+
+
+def _opt_str(key, value) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str | os.PathLike):
+        raise TypeError(f"'{key}' must be a string or null; got {value!r}.")
+    return os.fspath(value)
+
+
+def _bool(key, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"'{key}' must be true or false; got {value!r}.")
+    return value
+
+
+def _check_keys(section: str, data, cls) -> dict:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TypeError(f"'{section}' must be a mapping; got {type(data).__name__}.")
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in allowed:
+            where = f"{section}.{key}" if section else str(key)
+            raise ValueError(f"'{where}' is not a known key; allowed keys are {allowed}.")
+    return dict(data)
+
+
+class _Section:
+    """Mixin: dict round trip of a flat section."""
+
+    _name = ""
+
+    @classmethod
+    def from_dict(cls, data: dict | None):
+        """Build the section from a mapping (unknown keys rejected)."""
+        return cls(**_check_keys(cls._name, data, cls))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the section as a plain dict."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+
+# ---------------------------------------------------------------------------
+# sections
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RegionConfig(_Section):
+    """Sky region: centre (deg), width and height (arcmin), rotation (deg E of N)."""
+
+    ra: float = 150.0
+    dec: float = 2.0
+    width: float = 30.0
+    height: float | None = None
+    rotation: float = 0.0
+    _name = "region"
+
+    def __post_init__(self):
+        object.__setattr__(self, "ra", _num("region.ra", self.ra, low=-360.0, high=360.0))
+        object.__setattr__(self, "dec", _num("region.dec", self.dec, low=-90.0, high=90.0))
+        object.__setattr__(self, "width", _num("region.width", self.width, low=0, low_open=True))
+        h = self.width if self.height is None else self.height
+        object.__setattr__(self, "height", _num("region.height", h, low=0, low_open=True))
+        object.__setattr__(self, "rotation", _num("region.rotation", self.rotation))
+
+
+@dataclass(frozen=True)
+class SpectralConfig(_Section):
+    """Spectral grid: ``native``, ``oversampled`` (``factor``), ``constant_r`` or ``edges``."""
+
+    mode: str = "native"
+    factor: float = 2.0
+    resolving_power: float = 80.0
+    lam_min: float | None = None
+    lam_max: float | None = None
+    edges: tuple | None = None
+    _name = "spectral"
+
+    def __post_init__(self):
+        mode = _choice("spectral.mode", self.mode, SPECTRAL_MODES)
+        object.__setattr__(self, "mode", mode)
+        object.__setattr__(
+            self, "factor", _num("spectral.factor", self.factor, low=0, low_open=True)
+        )
+        object.__setattr__(
+            self,
+            "resolving_power",
+            _num("spectral.resolving_power", self.resolving_power, low=0.5, low_open=True),
+        )
+        for key in ("lam_min", "lam_max"):
+            v = getattr(self, key)
+            if v is not None:
+                object.__setattr__(self, key, _num(f"spectral.{key}", v, low=0, low_open=True))
+        if self.edges is not None:
+            if not isinstance(self.edges, list | tuple) or len(self.edges) < 2:
+                raise ValueError(
+                    f"'spectral.edges' must be a list of >= 2 wavelengths (um); got {self.edges!r}."
+                )
+            e = tuple(_num("spectral.edges", v, low=0, low_open=True) for v in self.edges)
+            if any(b <= a for a, b in itertools.pairwise(e)):
+                raise ValueError(f"'spectral.edges' must be strictly increasing; got {list(e)}.")
+            object.__setattr__(self, "edges", e)
+        elif mode == "edges":
+            raise ValueError(
+                "'spectral.edges' must be given when spectral.mode is 'edges'; got null."
+            )
+
+    def build(self, detector: int):
+        """Return the :class:`~drizzle3d.grid.SpectralGrid` for ``detector``."""
+        from drizzle3d.channels import detector_range
+        from drizzle3d.grid import SpectralGrid
+
+        if self.mode == "native":
+            return SpectralGrid.native(detector)
+        if self.mode == "oversampled":
+            return SpectralGrid.oversampled(detector, self.factor)
+        if self.mode == "edges":
+            return SpectralGrid(list(self.edges))
+        lo, hi = detector_range(detector)
+        return SpectralGrid.constant_r(self.lam_min or lo, self.lam_max or hi, self.resolving_power)
+
+
+@dataclass(frozen=True)
+class DrizzleConfig(_Section):
+    """Drizzle settings (see :class:`drizzle3d.Drizzle3D` and :func:`drizzle_files`)."""
+
+    kernel: str = "square"
+    pixfrac: float = 1.0
+    wave_pixfrac: float = 1.0
+    weighting: str = "background"
+    ivar_max: float = math.inf
+    min_overlap: float = 0.0
+    exclude_flags: tuple = _DEFAULT_EXCLUDE
+    zodi: str = "fit"
+    _name = "drizzle"
+
+    def __post_init__(self):
+        object.__setattr__(self, "kernel", _choice("drizzle.kernel", self.kernel, KERNELS))
+        object.__setattr__(
+            self, "pixfrac", _num("drizzle.pixfrac", self.pixfrac, low=0, low_open=True, high=1)
+        )
+        object.__setattr__(
+            self,
+            "wave_pixfrac",
+            _num("drizzle.wave_pixfrac", self.wave_pixfrac, low=0, low_open=True, high=1),
+        )
+        object.__setattr__(
+            self, "weighting", _choice("drizzle.weighting", self.weighting, WEIGHTINGS)
+        )
+        object.__setattr__(
+            self,
+            "ivar_max",
+            _num("drizzle.ivar_max", self.ivar_max, low=0, low_open=True, allow_inf=True),
+        )
+        mo = _num("drizzle.min_overlap", self.min_overlap, low=0)
+        if mo >= 1:
+            raise ValueError(f"'drizzle.min_overlap' must be < 1; got {mo!r}.")
+        object.__setattr__(self, "min_overlap", mo)
+        flags = self.exclude_flags
+        if isinstance(flags, str) or not isinstance(flags, list | tuple):
+            raise TypeError(f"'drizzle.exclude_flags' must be a list of flag names; got {flags!r}.")
+        names = []
+        for n in flags:
+            key = str(n).strip().upper()
+            if key not in FLAG_TABLE:
+                raise ValueError(
+                    f"'drizzle.exclude_flags' must hold flag names from {sorted(FLAG_TABLE)}; "
+                    f"got {n!r}."
+                )
+            names.append(key)
+        object.__setattr__(self, "exclude_flags", tuple(names))
+        object.__setattr__(self, "zodi", _choice("drizzle.zodi", self.zodi, ZODI))
+
+
+@dataclass(frozen=True)
+class OutliersConfig(_Section):
+    """Outlier rejection (:func:`drizzle3d.blot.find_outliers`): off by default."""
+
+    enabled: bool = False
+    snr: float = 5.0
+    scale: float = 1.2
+    grow: int = 1
+    _name = "outliers"
+
+    def __post_init__(self):
+        _bool("outliers.enabled", self.enabled)
+        object.__setattr__(self, "snr", _num("outliers.snr", self.snr, low=0, low_open=True))
+        object.__setattr__(self, "scale", _num("outliers.scale", self.scale, low=0))
+        object.__setattr__(self, "grow", _int("outliers.grow", self.grow, low=0))
+
+
+@dataclass(frozen=True)
+class InputsConfig(_Section):
+    """Input selection: ``files``, a ``glob``, or an archive ``query`` (with a ``mirror`` root)."""
+
+    files: tuple = ()
+    glob: str | None = None
+    mirror: str | None = None
+    query: dict | None = None
+    _name = "inputs"
+
+    def __post_init__(self):
+        if isinstance(self.files, str) or not isinstance(self.files, list | tuple):
+            raise TypeError(f"'inputs.files' must be a list of paths; got {self.files!r}.")
+        object.__setattr__(self, "files", tuple(os.fspath(p) for p in self.files))
+        object.__setattr__(self, "glob", _opt_str("inputs.glob", self.glob))
+        object.__setattr__(self, "mirror", _opt_str("inputs.mirror", self.mirror))
+        if self.query is not None:
+            q = _check_keys("inputs.query", self.query, _QueryKeys)
+            if q.get("mjd_range") is not None:
+                r = q["mjd_range"]
+                if not isinstance(r, list | tuple) or len(r) != 2:
+                    raise ValueError(f"'inputs.query.mjd_range' must be [start, end]; got {r!r}.")
+                q["mjd_range"] = [None if v is None else _num("inputs.query.mjd_range", v)
+                                  for v in r]  # fmt: skip
+            if q.get("max_images") is not None:
+                q["max_images"] = _int("inputs.query.max_images", q["max_images"], low=1)
+            object.__setattr__(self, "query", q)
+        n = sum(bool(x) for x in (self.files, self.glob, self.query is not None))
+        if n > 1:
+            raise ValueError(
+                "'inputs' must use one of files, glob or query; got "
+                f"{[k for k in ('files', 'glob', 'query') if getattr(self, k)]}."
+            )
+
+
+@dataclass(frozen=True)
+class _QueryKeys:
+    mjd_range: Any = None
+    max_images: Any = None
+    releases: Any = None
+
+
+@dataclass(frozen=True)
+class DownloadConfig(_Section):
+    """Archive downloads: destination, ``full`` files or ``cutout``, parallel workers."""
+
+    dest: str = "spherex_data"
+    mode: str = "cutout"
+    workers: int = 4
+    overwrite: bool = False
+    _name = "download"
+
+    def __post_init__(self):
+        object.__setattr__(self, "dest", _opt_str("download.dest", self.dest))
+        object.__setattr__(self, "mode", _choice("download.mode", self.mode, DOWNLOAD_MODES))
+        object.__setattr__(self, "workers", _int("download.workers", self.workers, low=1))
+        _bool("download.overwrite", self.overwrite)
+
+
+@dataclass(frozen=True)
+class OutputConfig(_Section):
+    """Output directory, file prefix, formats and overwrite policy."""
+
+    directory: str = "drizzle3d_out"
+    prefix: str = "cube"
+    formats: tuple = ("fits",)
+    overwrite: bool = False
+    _name = "output"
+
+    def __post_init__(self):
+        object.__setattr__(self, "directory", _opt_str("output.directory", self.directory))
+        if not isinstance(self.prefix, str) or not self.prefix or "/" in self.prefix:
+            raise ValueError(f"'output.prefix' must be a non-empty file stem; got {self.prefix!r}.")
+        fmts = self.formats
+        if isinstance(fmts, str):
+            fmts = [fmts]
+        if not isinstance(fmts, list | tuple) or not fmts:
+            raise ValueError(f"'output.formats' must be a non-empty list of {list(FORMATS)}.")
+        object.__setattr__(
+            self, "formats", tuple(_choice("output.formats", f, FORMATS) for f in fmts)
+        )
+        _bool("output.overwrite", self.overwrite)
+
+
+_SECTIONS = {
+    "region": RegionConfig,
+    "spectral": SpectralConfig,
+    "drizzle": DrizzleConfig,
+    "outliers": OutliersConfig,
+    "inputs": InputsConfig,
+    "download": DownloadConfig,
+    "output": OutputConfig,
+}
+
+
+@dataclass(frozen=True)
+class Drizzle3DConfig:
+    """Everything a run needs; see the module docstring and :data:`EXAMPLE_YAML`.
+
+    Parameters
+    ----------
+    region, spectral, drizzle, outliers, inputs, download, output
+        Sections (dataclasses of the same names).
+    detectors : list of int or "all"
+        Detectors to build, one cube each.
+    pixel_scale : float
+        Output pixel size (arcsec).
+    workers : int
+        Parallel workers (1: serial).
+    """
+
+    region: RegionConfig = field(default_factory=RegionConfig)
+    detectors: tuple = (3,)
+    pixel_scale: float = 6.15
+    spectral: SpectralConfig = field(default_factory=SpectralConfig)
+    drizzle: DrizzleConfig = field(default_factory=DrizzleConfig)
+    outliers: OutliersConfig = field(default_factory=OutliersConfig)
+    inputs: InputsConfig = field(default_factory=InputsConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    workers: int = 1
+
+    def __post_init__(self):
+        dets = self.detectors
+        if dets == "all":
+            dets = (1, 2, 3, 4, 5, 6)
+        if isinstance(dets, int) and not isinstance(dets, bool):
+            dets = (dets,)
+        if not isinstance(dets, list | tuple) or not dets:
+            raise ValueError(f"'detectors' must be a list of 1..6 or 'all'; got {dets!r}.")
+        out = []
+        for d in dets:
+            if isinstance(d, str) and d.upper().startswith("D"):
+                d = d[1:]
+            try:
+                n = int(d)
+            except (TypeError, ValueError):
+                n = 0
+            if isinstance(d, bool) or n not in range(1, 7):
+                raise ValueError(f"'detectors' must be a list of 1..6 or 'all'; got {d!r}.")
+            out.append(n)
+        object.__setattr__(self, "detectors", tuple(sorted(set(out))))
+        object.__setattr__(
+            self, "pixel_scale", _num("pixel_scale", self.pixel_scale, low=0, low_open=True)
+        )
+        object.__setattr__(self, "workers", _int("workers", self.workers, low=1))
+
+    # -- derived ----------------------------------------------------------
+
+    def detector_list(self) -> list[int]:
+        """Return the detectors to build."""
+        return list(self.detectors)
+
+    def grid(self, detector: int):
+        """Return the :class:`~drizzle3d.grid.OutputGrid` of one detector's cube."""
+        from drizzle3d.grid import OutputGrid, SpatialGrid
+
+        r = self.region
+        spatial = SpatialGrid.from_center(
+            r.ra, r.dec, r.width, r.height, pixscale=self.pixel_scale, rotation=r.rotation
+        )
+        return OutputGrid(spatial, self.spectral.build(detector))
+
+    # -- round trips ------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a plain, YAML-safe dict of every field.
+
+        Returns
+        -------
+        dict
+            Nested sections plus ``detectors``, ``pixel_scale``, ``workers``.
+        """
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, _Section):
+                out[f.name] = v.to_dict()
+            elif isinstance(v, tuple):
+                out[f.name] = list(v)
+            else:
+                out[f.name] = v
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> Drizzle3DConfig:
+        """Build and validate a config from a mapping.
+
+        Parameters
+        ----------
+        data : dict
+            Keys as in :meth:`to_dict`; missing keys take defaults.
+
+        Returns
+        -------
+        Drizzle3DConfig
+
+        Raises
+        ------
+        ValueError, TypeError
+            On an unknown key (named, with the allowed keys) or a bad value
+            (named, with the allowed values).
+        """
+        d = _check_keys("", data, cls)
+        kwargs = {}
+        for key, value in d.items():
+            kwargs[key] = _SECTIONS[key].from_dict(value) if key in _SECTIONS else value
+        return cls(**kwargs)
+
+    def to_yaml(self, path: str | os.PathLike | None = None) -> str:
+        """Serialise to YAML (exact floats); optionally write ``path`` atomically.
+
+        Parameters
+        ----------
+        path : str or os.PathLike, optional
+            File to write (temporary file renamed into place).
+
+        Returns
+        -------
+        str
+            The YAML text.
+        """
+        import yaml
+
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+        if path is not None:
+            _atomic_write(Path(path), text)
+        return text
+
+    @classmethod
+    def from_yaml(cls, source: str | os.PathLike) -> Drizzle3DConfig:
+        """Load a config from YAML text or a YAML file.
+
+        Parameters
+        ----------
+        source : str or os.PathLike
+            YAML text (anything with a newline or a ``:``), or a file path.
+
+        Returns
+        -------
+        Drizzle3DConfig
+
+        Raises
+        ------
+        ValueError, TypeError
+            On invalid content (see :meth:`from_dict`).
+        FileNotFoundError
+            If a path does not exist.
+        """
+        import yaml
+
+        if isinstance(source, os.PathLike) or (
+            isinstance(source, str) and "\n" not in source and ":" not in source
+        ):
+            text = Path(source).read_text()
+        else:
+            text = str(source)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"'source' must be valid YAML; got a parse error ({err}).") from err
+        return cls.from_dict(data or {})
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+#: A commented example configuration (``drizzle3d config --example``).
+EXAMPLE_YAML = """\
+# drizzle3d run configuration. Every key is optional; shown values are the defaults
+# unless marked "example".
+
+region:                  # the sky region of the cube
+  ra: 150.0              # centre right ascension (deg)
+  dec: 2.0               # centre declination (deg)
+  width: 30.0            # arcmin along x
+  height: 30.0           # arcmin along y (default: width)
+  rotation: 0.0          # position angle of +y, deg east of north
+
+detectors: [3]           # 1..6, a list, or "all": one cube per detector
+pixel_scale: 6.15        # output pixel (arcsec); SPHEREx pixels are 6.15"
+
+spectral:                # wavelength bins of each cube
+  mode: native           # native | oversampled | constant_r | edges
+  factor: 2.0            # oversampled: bins per native channel width
+  resolving_power: 80.0  # constant_r: lambda / dlambda of every bin
+  lam_min: null          # constant_r range (um); default the detector's
+  lam_max: null
+  edges: null            # edges: explicit bin edges in um, e.g. [1.7, 1.8, 1.9]
+
+drizzle:
+  kernel: square         # square | turbo | point | gaussian | lanczos2 | lanczos3 | bilinear
+  pixfrac: 1.0           # spatial drop shrink factor (0, 1]
+  wave_pixfrac: 1.0      # spectral drop shrink factor (0, 1]
+  weighting: background  # background (unbiased default) | ivm | exptime | uniform
+  ivar_max: .inf         # cap on inverse-variance weights (ivm)
+  min_overlap: 0.0       # drop voxel overlaps below this fraction of a pixel's volume
+  exclude_flags: [TRANSIENT, OVERFLOW, SUR_ERROR, PHANTOM, REFERENCE, NONFUNC, DICHROIC,
+    MISSING_DATA, HOT, COLD, PHANMISS, NONLINEAR, PERSIST, OUTLIER]   # SOURCE is kept
+  zodi: fit              # none | static | fit (fit the ZODI model's amplitude per image)
+
+outliers:                # outlier rejection by blotting the cube back (drizzle3d.blot)
+  enabled: false
+  snr: 5.0
+  scale: 1.2
+  grow: 1
+
+inputs:                  # exactly one of files, glob or query
+  files: []              # example: [data/level2_a.fits, data/level2_b.fits]
+  glob: null             # example: "data/**/level2_*D3*.fits"
+  mirror: null           # local copy of the IRSA tree, used instead of downloads
+  query: null            # example: {mjd_range: [61000, 61100], max_images: 200, releases: qr2}
+
+download:                # only for inputs.query without a mirror
+  dest: spherex_data
+  mode: cutout           # cutout | full
+  workers: 4
+  overwrite: false
+
+output:
+  directory: drizzle3d_out
+  prefix: cube           # files are <prefix>_D<n>.<ext>
+  formats: [fits]        # any of fits, netcdf, zarr
+  overwrite: false       # never replace an existing cube unless true
+
+workers: 1
+"""
