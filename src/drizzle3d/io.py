@@ -244,7 +244,7 @@ def save_cube(
         elif fmt == "netcdf":
             _clean_for_netcdf(ds).to_netcdf(tmp, engine="h5netcdf")
         else:
-            _clean_for_netcdf(ds).to_zarr(tmp, mode="w", consolidated=True)
+            _clean_for_netcdf(ds).to_zarr(tmp, mode="w", consolidated=False)
         _replace(tmp, path)
     except BaseException:
         _remove(tmp)
@@ -289,7 +289,7 @@ def load_cube(path: str | os.PathLike, format: str | None = None) -> xr.Dataset:
     if fmt == "netcdf":
         with xr.open_dataset(path, engine="h5netcdf") as ds:
             return _restore(ds.load())
-    with xr.open_zarr(path, consolidated=True) as ds:
+    with xr.open_zarr(path, consolidated=False) as ds:
         return _restore(ds.load())
 
 
