@@ -27,11 +27,16 @@ used instead (IRSA recommends them for science; the table is good to ~1 nm).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import mmap
 import os
 import re
+import threading
 import warnings
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numba
@@ -118,6 +123,7 @@ _IMAGE_HDUS = ("IMAGE", "FLAGS", "VARIANCE", "ZODI")
 _SIP_KEY = re.compile(r"^(A|B|AP|BP)_(\d+_\d+|ORDER|DMAX)$")
 _MSKN_KEY = re.compile(r"^MSKN(\d+)$")
 _SB = u.MJy / u.sr
+_SB2 = _SB**2
 
 
 class SpherexFileError(ValueError):
@@ -323,10 +329,19 @@ class WaveTable:
         ix, tx, ox = self._axis(np.arange(nx) + x0, 0)
         iy, ty, oy = self._axis(np.arange(ny) + y0, 1)
         v = self.values
-        # Interpolate every table row along x: (m, nx, 2); then along y, row by row.
+        # Interpolate every table row along x: (m, nx * 2); then blend two rows per output row.
         rows = v[:, ix] * (1.0 - tx)[None, :, None] + v[:, ix + 1] * tx[None, :, None]
+        rows = np.ascontiguousarray(rows.reshape(rows.shape[0], -1))
         out = np.empty((ny, nx, 2), dtype=np.float64)
-        _blend_rows(rows, iy.astype(np.int64), ty, out)
+        flat = out.reshape(ny, 2 * nx)
+        iy = iy.astype(np.int64)
+        _share_work(
+            [
+                functools.partial(_blend_rows, rows, iy, ty, flat, j0, j1)
+                for j0, j1 in _chunks(ny, ny * nx)
+            ],
+            parallel=ny * nx >= _PARALLEL_MIN_PIXELS,
+        )
         if ox.any():
             out[:, ox] = np.nan
         if oy.any():
@@ -335,20 +350,80 @@ class WaveTable:
 
 
 @numba.njit(cache=True, nogil=True)
-def _blend_rows(rows, iy, ty, out):  # pragma: no cover - compiled
-    """``out[j] = (1 - ty[j]) * rows[iy[j]] + ty[j] * rows[iy[j] + 1]`` for every output row."""
-    ny, nx, nk = out.shape
-    for j in range(ny):
+def _blend_rows(rows, iy, ty, out, j0, j1):  # pragma: no cover - compiled
+    """``out[j] = (1 - ty[j]) * rows[iy[j]] + ty[j] * rows[iy[j] + 1]`` for rows ``j0 <= j < j1``.
+
+    ``rows`` and ``out`` are 2-D (the wavelength/bandwidth pairs flattened into
+    the last axis), so the inner loop is one contiguous, vectorisable sweep.
+    """
+    n = out.shape[1]
+    for j in range(j0, j1):
         a = 1.0 - ty[j]
         b = ty[j]
         r0 = rows[iy[j]]
         r1 = rows[iy[j] + 1]
-        for i in range(nx):
-            for k in range(nk):
-                out[j, i, k] = a * r0[i, k] + b * r1[i, k]
+        o = out[j]
+        for i in range(n):
+            o[i] = a * r0[i] + b * r1[i]
 
 
-def _wave_table(hdul, header, path) -> WaveTable:
+# --------------------------------------------------------------------------------------------
+# Sharing big memory-bound loops with one helper thread
+# --------------------------------------------------------------------------------------------
+#: Threads used for full-frame copies and wavemaps (the caller plus helpers). The work is
+#: memory-bound numpy copies and a ``nogil`` numba loop, which release the GIL. Set the
+#: environment variable ``DRIZZLE3D_READ_THREADS=1`` to keep everything on the caller.
+_N_THREADS = 1 if os.environ.get("DRIZZLE3D_READ_THREADS", "").strip() == "1" else 2
+#: Below this many pixels, work stays on the caller (a thread hand-off costs ~50 us).
+_PARALLEL_MIN_PIXELS = 1 << 20
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(_N_THREADS - 1, thread_name_prefix="drizzle3d-read")
+        return _POOL
+
+
+def _chunks(n: int, pixels: int) -> list[tuple[int, int]]:
+    """Split ``range(n)`` in ``_N_THREADS`` contiguous pieces when the job is big enough."""
+    k = _N_THREADS if pixels >= _PARALLEL_MIN_PIXELS and n >= _N_THREADS else 1
+    edges = [round(i * n / k) for i in range(k + 1)]
+    return [(edges[i], edges[i + 1]) for i in range(k)]
+
+
+def _share_work(tasks, parallel: bool = True) -> None:
+    """Run callables: every other one is offered to the helper thread, the caller runs the rest.
+
+    Tasks the helper has not started when the caller is done are taken back
+    (cancelled and run by the caller), so a busy helper never makes this slower
+    than running everything on the caller. Exceptions propagate.
+    """
+    if not parallel or len(tasks) < 2 or _N_THREADS < 2:
+        for task in tasks:
+            task()
+        return
+    pool = _pool()
+    offered = [(task, pool.submit(task)) for task in tasks[1::2]]
+    try:
+        for task in tasks[0::2]:
+            task()
+    except BaseException:
+        for _, fut in offered:
+            fut.cancel()
+        raise
+    for task, fut in offered:
+        if fut.cancel():
+            task()
+        else:
+            fut.result()
+
+
+def _wave_columns(header, path) -> tuple[str, dict[str, str]]:
+    """Check the ``W`` WCS keywords; return the table's EXTNAME and its x/y/values columns."""
     if "CTYPE1W" not in header or "CTYPE2W" not in header:
         raise SpherexFileError(path, "IMAGE header has no spectral WCS (key 'W': CTYPE1W/CTYPE2W).")
     for n in (1, 2):
@@ -358,17 +433,22 @@ def _wave_table(hdul, header, path) -> WaveTable:
                 path, f"spectral WCS CTYPE{n}W must use the -TAB algorithm; got {ctype!r}."
             )
     extname = str(header.get("PS1_0W", "WCS-WAVE")).strip()
+    cols = {
+        "x": str(header.get("PS1_2W", "X")).strip(),
+        "y": str(header.get("PS2_2W", "Y")).strip(),
+        "values": str(header.get("PS1_1W", "VALUES")).strip(),
+    }
+    return extname, cols
+
+
+def _wave_table(hdul, header, path) -> WaveTable:
+    extname, cols = _wave_columns(header, path)
     try:
         tab = hdul[extname]
     except KeyError as err:
         raise SpherexFileError(
             path, f"missing HDU {extname!r} (the -TAB table named by PS1_0W)."
         ) from err
-    cols = {
-        "x": str(header.get("PS1_2W", "X")).strip(),
-        "y": str(header.get("PS2_2W", "Y")).strip(),
-        "values": str(header.get("PS1_1W", "VALUES")).strip(),
-    }
     try:
         row = tab.data[0]
         xs = np.asarray(row[cols["x"]], dtype=np.float64).ravel()
@@ -378,6 +458,10 @@ def _wave_table(hdul, header, path) -> WaveTable:
         raise SpherexFileError(
             path, f"HDU {extname!r} is not a -TAB table with columns {sorted(cols.values())}: {err}"
         ) from err
+    return _make_wave_table(xs, ys, vals, header, path, extname)
+
+
+def _make_wave_table(xs, ys, vals, header, path, extname) -> WaveTable:
     if vals.shape != (ys.size, xs.size, 2):
         raise SpherexFileError(
             path,
@@ -472,6 +556,8 @@ class SpherexImage:
         Celestial TAN-SIP WCS of these pixels (shifted to ``bbox``).
     spectral_wcs : astropy.wcs.WCS
         The ``W`` WCS (wavelength, bandwidth in um) with SIP removed, shifted to ``bbox``.
+        Built by astropy on first access when the file was read by the fast path
+        (:meth:`wavemap` never needs it: it evaluates the table directly).
     meta : SpherexMeta
     bbox : tuple of int
         ``(ymin, ymax, xmin, xmax)`` read, half-open, in the file's pixels.
@@ -486,11 +572,17 @@ class SpherexImage:
     flags: np.ndarray
     zodi: np.ndarray
     wcs: WCS
-    spectral_wcs: WCS
     meta: SpherexMeta
     bbox: tuple
     wave_table: WaveTable
     calibration: str | None = None
+    _spectral: object = field(default=None, repr=False)
+
+    @functools.cached_property
+    def spectral_wcs(self) -> WCS:
+        """The ``W`` WCS (a ready one, or built now from the bytes kept by the fast reader)."""
+        spec = self._spectral
+        return spec.build() if isinstance(spec, _LazySpectralWcs) else spec
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -555,7 +647,11 @@ def _celestial_wcs(header: fits.Header) -> WCS:
     """
     cards = [c for c in header.cards if _CEL_KEY.match(c.keyword)]
     sip = {c.keyword: c.value for c in header.cards if _SIP_KEY.match(c.keyword)}
-    w = WCS(fits.Header(cards))
+    return _attach_sip(WCS(fits.Header(cards)), sip)
+
+
+def _attach_sip(w: WCS, sip: dict) -> WCS:
+    """Attach SIP matrices built from ``{keyword: value}`` (A_ORDER, A_p_q, ...) to ``w``."""
     if sip:
         mats = {}
         for name in ("A", "B", "AP", "BP"):
@@ -581,7 +677,7 @@ def _spectral_wcs(header: fits.Header, hdul) -> WCS:
     return w
 
 
-def _open(path):
+def _check_file(path) -> str:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise SpherexFileError(path, "no such file.")
@@ -589,6 +685,11 @@ def _open(path):
         head = fh.read(80)
     if not (head.startswith(b"SIMPLE  =") or head[:2] == b"\x1f\x8b"):
         raise SpherexFileError(path, "not a FITS file (no 'SIMPLE' card at the start).")
+    return path
+
+
+def _open(path):
+    path = _check_file(path)
     try:
         hdul = fits.open(path, memmap=True, lazy_load_hdus=False)
     except (OSError, ValueError, TypeError, IndexError) as err:
@@ -624,7 +725,7 @@ def _check_layout(hdul, path):
                     f"the file has {size}.",
                 )
     _check_unit(hdul["IMAGE"].header, "IMAGE", _SB, path, required=True)
-    _check_unit(hdul["VARIANCE"].header, "VARIANCE", _SB**2, path, required=False)
+    _check_unit(hdul["VARIANCE"].header, "VARIANCE", _SB2, path, required=False)
     _check_unit(hdul["ZODI"].header, "ZODI", _SB, path, required=False)
     return shapes["IMAGE"]
 
@@ -636,22 +737,26 @@ def _check_unit(header, name, expected, path, *, required):
             raise SpherexFileError(path, f"{name} has no BUNIT; expected {expected}.")
         log.debug("%s: %s has no BUNIT; assuming %s", path, name, expected)
         return
-    try:
-        unit = u.Unit(bunit)
-        ok = unit.is_equivalent(expected) and math.isclose(unit.to(expected), 1.0)
-    except (ValueError, TypeError):
-        ok = False
-    if not ok:
+    if not _unit_is(bunit, expected):
         raise SpherexFileError(
             path, f"{name} has wrong units BUNIT={bunit!r}; expected {expected}."
         )
 
 
-def _release(hdul, flags_header) -> tuple[str, str | None]:
-    version = hdul[0].header.get("VERSION")
+@functools.lru_cache(maxsize=64)
+def _unit_is(bunit: str, expected) -> bool:
+    """Whether ``bunit`` parses to a unit equal to ``expected`` (cached: parsing is slow)."""
+    try:
+        unit = u.Unit(bunit)
+        return unit.is_equivalent(expected) and math.isclose(unit.to(expected), 1.0)
+    except (ValueError, TypeError):
+        return False
+
+
+def _release(version, names, flags_compressed: bool, flags_header) -> tuple[str, str | None]:
     version = None if version is None else str(version)
-    names = {h.name.upper() for h in hdul}
-    if "EPSF" in names or isinstance(hdul["FLAGS"], fits.CompImageHDU):
+    names = {n.upper() for n in names}
+    if "EPSF" in names or flags_compressed:
         return "qr3", version
     if any(_MSKN_KEY.match(k) for k in flags_header):
         return "qr3", version
@@ -665,7 +770,18 @@ def _release(hdul, flags_header) -> tuple[str, str | None]:
 
 
 def _meta(hdul, path, shape) -> SpherexMeta:
-    hdr = hdul["IMAGE"].header
+    return _make_meta(
+        hdul["IMAGE"].header,
+        hdul["FLAGS"].header,
+        hdul[0].header.get("VERSION"),
+        [h.name for h in hdul],
+        isinstance(hdul["FLAGS"], fits.CompImageHDU),
+        path,
+        shape,
+    )
+
+
+def _make_meta(hdr, fhdr, version, names, flags_compressed, path, shape) -> SpherexMeta:
     if "DETECTOR" not in hdr:
         raise SpherexFileError(path, "IMAGE header has no DETECTOR keyword.")
     try:
@@ -681,8 +797,7 @@ def _meta(hdul, path, shape) -> SpherexMeta:
     mid = num("MJD-AVG")
     if mid is None and beg is not None and end is not None:
         mid = 0.5 * (beg + end)
-    fhdr = hdul["FLAGS"].header
-    release, version = _release(hdul, fhdr)
+    release, version = _release(version, names, flags_compressed, fhdr)
     obsid = hdr.get("OBSID")
     return SpherexMeta(
         path=path,
@@ -922,6 +1037,420 @@ def fit_zodi_scale(
 
 
 # --------------------------------------------------------------------------------------------
+# The fast reader: a header scanner and memory-mapped sections
+# --------------------------------------------------------------------------------------------
+# astropy.io.fits parses every card of every header (the PSF's included) before it reaches
+# the data; most of a box read went there. The scanner below walks the 2880-byte blocks,
+# keeps each header's cards as raw text, parses only the values asked for, and copies the
+# image sections straight out of a memory map. It handles the plain layout of Level-2 files
+# (uncompressed float32 images, an int32 or tile-compressed FLAGS, a -TAB table of fixed-size
+# columns) and declines (raises _Fallback) on anything else, so that astropy reads the file:
+# correctness and error messages never depend on the fast path.
+
+_BLOCK = 2880
+_INT_VALUE = re.compile(r"[+-]?\d+")
+_FLOAT_VALUE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[EDed][+-]?\d+)?")
+_TFORM = re.compile(r"^\s*(\d*)([LXBIJKAEDCMPQ])")
+_TFORM_BYTES = {"L": 1, "B": 1, "I": 2, "J": 4, "K": 8, "A": 1, "E": 4, "D": 8, "C": 8, "M": 16}
+_TFORM_DTYPE = {"B": "u1", "I": ">i2", "J": ">i4", "K": ">i8", "E": ">f4", "D": ">f8"}
+_PLAIN_CEL = re.compile(
+    r"^(WCSAXES|CTYPE[12]|CRPIX[12]|CRVAL[12]|CDELT[12]|CUNIT[12]|PC[12]_[12]|LONPOLE|LATPOLE"
+    r"|RADESYS|EQUINOX)$"
+)
+_IMAGE_DTYPES = {"IMAGE": ">f4", "VARIANCE": ">f4", "ZODI": ">f4", "FLAGS": ">i4"}
+_IMAGE_BITPIX = {">f4": -32, ">i4": 32}
+
+
+class _Fallback(Exception):
+    """The fast reader met something it does not handle; astropy reads the file instead."""
+
+
+def _card_value(text: str):
+    """The value of one raw header card (80 characters, more with CONTINUE cards).
+
+    Plain strings, logicals, integers and reals are parsed here; anything else
+    (long strings, complex numbers, undefined values) by astropy.
+    """
+    if len(text) == 80:
+        if text.startswith("HIERARCH"):
+            field_ = text[text.index("=") + 1 :].strip()
+        else:
+            field_ = text[10:].strip()
+        if field_.startswith("'"):
+            start = 1
+            while True:
+                end = field_.find("'", start)
+                if end < 0:
+                    break
+                if field_[end + 1 : end + 2] == "'":
+                    start = end + 2
+                    continue
+                rest = field_[end + 1 :].strip()
+                if not rest or rest.startswith("/"):
+                    return field_[1:end].replace("''", "'").rstrip()
+                break
+        else:
+            token = field_.split("/", 1)[0].strip()
+            if token == "T":
+                return True
+            if token == "F":
+                return False
+            if _INT_VALUE.fullmatch(token):
+                return int(token)
+            if _FLOAT_VALUE.fullmatch(token):
+                return float(token.replace("D", "E").replace("d", "e"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fits.Card.fromstring(text).value
+
+
+class _Cards(Mapping):
+    """One header as ``keyword -> raw card text``; values are parsed on first access.
+
+    Keys are upper case; HIERARCH keywords are stored without the prefix (as
+    astropy does). Commentary cards are not kept; a repeated keyword keeps its
+    first card (as astropy's ``header[key]``).
+    """
+
+    def __init__(self, raw: dict[str, str]):
+        self._raw = raw
+        self._values: dict = {}
+
+    def __getitem__(self, key):
+        key = key.upper()
+        try:
+            return self._values[key]
+        except KeyError:
+            pass
+        value = _card_value(self._raw[key])
+        self._values[key] = value
+        return value
+
+    def __contains__(self, key) -> bool:
+        return isinstance(key, str) and key.upper() in self._raw
+
+    def __iter__(self):
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def text(self, keys) -> str:
+        """The raw cards whose keyword matches the compiled regex ``keys``, concatenated."""
+        return "".join(c for k, c in self._raw.items() if keys.match(k))
+
+
+@dataclass(frozen=True)
+class _RawHdu:
+    name: str
+    cards: _Cards
+    start: int  # byte offset of the header
+    data_start: int
+    data_bytes: int  # unpadded
+
+    @property
+    def end(self) -> int:
+        return self.data_start + -(-self.data_bytes // _BLOCK) * _BLOCK
+
+
+_END_CARD = b"END" + b" " * 77
+
+
+def _read_header(fh) -> dict[str, str]:
+    """Read one header's blocks from ``fh`` (at the header's start): keyword -> raw card."""
+    blocks = []
+    while True:
+        block = fh.read(_BLOCK)
+        if len(block) < _BLOCK:
+            raise _Fallback("header runs past the end of the file")
+        blocks.append(block)
+        at = block.find(_END_CARD)
+        while at >= 0 and at % 80:
+            at = block.find(_END_CARD, at + 1)
+        if at >= 0:
+            break
+    try:
+        text = b"".join(blocks).decode("ascii")
+    except UnicodeDecodeError as err:
+        raise _Fallback("non-ASCII header") from err
+    stop = (len(blocks) - 1) * _BLOCK + at
+    cards = [text[i : i + 80] for i in range(0, stop, 80)]
+    if "HIERARCH" not in text and "CONTINUE" not in text:
+        pairs = [(c[:8].rstrip(), c) for c in cards if c[8:10] == "= "]
+        raw = dict(pairs)
+        if len(raw) == len(pairs):
+            return raw
+    raw = {}
+    last = None
+    for card in cards:
+        key = card[:8].rstrip()
+        if key == "CONTINUE":
+            if last is not None:
+                raw[last] += card
+            continue
+        if key == "HIERARCH":
+            eq = card.find("=")
+            if eq < 0:
+                last = None
+                continue
+            key = card[9:eq].strip().upper()
+        elif card[8:10] != "= ":
+            last = None
+            continue
+        if key in raw:
+            last = None
+            continue
+        raw[key] = card
+        last = key
+    return raw
+
+
+def _scan(fh) -> list[_RawHdu]:
+    """The headers and data offsets of every HDU of an (uncompressed) open FITS file."""
+    size = os.fstat(fh.fileno()).st_size
+    hdus: list[_RawHdu] = []
+    pos = 0
+    while pos < size:
+        fh.seek(pos)
+        cards = _Cards(_read_header(fh))
+        data_start = fh.tell()
+        if not hdus and cards.get("SIMPLE") is not True:
+            raise _Fallback("no SIMPLE = T")
+        if hdus and "XTENSION" not in cards:
+            raise _Fallback(f"HDU {len(hdus)} has no XTENSION")
+        naxis = int(cards["NAXIS"])
+        nbytes = 0
+        if naxis:
+            n = 1
+            for i in range(1, naxis + 1):
+                n *= int(cards[f"NAXIS{i}"])
+            gcount = int(cards.get("GCOUNT", 1))
+            nbytes = abs(int(cards["BITPIX"])) // 8 * gcount * (int(cards.get("PCOUNT", 0)) + n)
+        name = str(cards.get("EXTNAME", "PRIMARY" if not hdus else "")).strip().upper()
+        hdu = _RawHdu(name, cards, pos, data_start, nbytes)
+        hdus.append(hdu)
+        pos = hdu.end
+    return hdus
+
+
+def _fast_celestial_wcs(hdr: _Cards) -> WCS:
+    """The celestial WCS from parsed keyword values; the same object as :func:`_celestial_wcs`.
+
+    The usual keywords (CTYPE, CRPIX, CRVAL, CDELT, CUNIT, PC, LONPOLE, LATPOLE,
+    RADESYS, EQUINOX) are set on a new WCS directly, which costs ~40 us instead
+    of ~1 ms for astropy's header parser; anything else (CD matrices, ...) goes
+    through the header parser with the same cards.
+    """
+    keys = [k for k in hdr if _CEL_KEY.match(k)]
+    sip = {k: hdr[k] for k in hdr if _SIP_KEY.match(k)}
+    if not all(_PLAIN_CEL.match(k) for k in keys) or int(hdr.get("WCSAXES", 2)) != 2:
+        w = WCS(fits.Header.fromstring(hdr.text(_CEL_KEY)))
+        return _attach_sip(w, sip)
+    w = WCS(naxis=2)
+    c = w.wcs
+    c.dateref = ""  # WCS(naxis=...) sets the MJD epoch; the header parser leaves it undefined
+    if "CTYPE1" in hdr or "CTYPE2" in hdr:
+        c.ctype = [str(hdr.get("CTYPE1", "")), str(hdr.get("CTYPE2", ""))]
+    if "CUNIT1" in hdr or "CUNIT2" in hdr:
+        c.cunit = [str(hdr.get("CUNIT1", "")), str(hdr.get("CUNIT2", ""))]
+    c.crpix = [float(hdr.get("CRPIX1", 0.0)), float(hdr.get("CRPIX2", 0.0))]
+    c.crval = [float(hdr.get("CRVAL1", 0.0)), float(hdr.get("CRVAL2", 0.0))]
+    c.cdelt = [float(hdr.get("CDELT1", 1.0)), float(hdr.get("CDELT2", 1.0))]
+    if any(k.startswith("PC") for k in keys):
+        c.pc = [
+            [float(hdr.get("PC1_1", 1.0)), float(hdr.get("PC1_2", 0.0))],
+            [float(hdr.get("PC2_1", 0.0)), float(hdr.get("PC2_2", 1.0))],
+        ]
+    if "LONPOLE" in hdr:
+        c.lonpole = float(hdr["LONPOLE"])
+    if "LATPOLE" in hdr:
+        c.latpole = float(hdr["LATPOLE"])
+    if "RADESYS" in hdr:
+        c.radesys = str(hdr["RADESYS"])
+    if "EQUINOX" in hdr:
+        c.equinox = float(hdr["EQUINOX"])
+    c.set()
+    return _attach_sip(w, sip)
+
+
+_MIN_PRIMARY = "".join(
+    f"{k:<8}= {v:>20}".ljust(80) for k, v in (("SIMPLE", "T"), ("BITPIX", "8"), ("NAXIS", "0"))
+) + "END".ljust(_BLOCK - 240)
+
+
+@dataclass(frozen=True)
+class _LazySpectralWcs:
+    """What astropy needs to build the ``W`` WCS later: its cards and the table HDU's bytes."""
+
+    path: str
+    cards: str
+    table_hdu: bytes
+    box: tuple | None  # slices, or None for the whole frame
+
+    def build(self) -> WCS:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", fits.verify.VerifyWarning)
+                hdul = fits.HDUList.fromstring(_MIN_PRIMARY.encode("ascii") + self.table_hdu)
+            w = WCS(fits.Header.fromstring(self.cards), fobj=hdul, key="W")
+        except (ValueError, KeyError, MemoryError) as err:
+            raise SpherexFileError(self.path, f"invalid WCS in IMAGE header ({err}).") from err
+        w.sip = None  # belt and braces: astropy#13105
+        if self.box is not None:
+            w = w.slice(self.box)
+            w.sip = None
+        return w
+
+
+def _table_row(fh, hdu: _RawHdu, cols: dict[str, str]) -> dict[str, np.ndarray]:
+    """The first row's ``cols`` of a fixed-width binary table, as astropy would return them."""
+    c = hdu.cards
+    if str(c.get("XTENSION", "")).strip() != "BINTABLE" or int(c.get("PCOUNT", 0)) != 0:
+        raise _Fallback(f"HDU {hdu.name} is not a plain binary table")
+    if int(c["NAXIS"]) != 2 or int(c["NAXIS2"]) < 1:
+        raise _Fallback(f"HDU {hdu.name} has no rows")
+    width = int(c["NAXIS1"])
+    fh.seek(hdu.data_start)
+    row = fh.read(width)
+    if len(row) < width:
+        raise _Fallback(f"HDU {hdu.name} is truncated")
+    wanted = {v.upper(): k for k, v in cols.items()}
+    out: dict[str, np.ndarray] = {}
+    offset = 0
+    for n in range(1, int(c["TFIELDS"]) + 1):
+        m = _TFORM.match(str(c[f"TFORM{n}"]))
+        if m is None or m.group(2) in "PQ":
+            raise _Fallback(f"HDU {hdu.name} column {n} has an unsupported TFORM")
+        repeat = int(m.group(1) or 1)
+        code = m.group(2)
+        nbytes = -(-repeat // 8) if code == "X" else repeat * _TFORM_BYTES[code]
+        name = str(c.get(f"TTYPE{n}", "")).strip().upper()
+        if name in wanted:
+            if name.lower() in (k.lower() for k in out) or code not in _TFORM_DTYPE:
+                raise _Fallback(f"HDU {hdu.name} column {name} is repeated or not numeric")
+            if f"TSCAL{n}" in c or f"TZERO{n}" in c:
+                raise _Fallback(f"HDU {hdu.name} column {name} is scaled")
+            arr = np.frombuffer(row, dtype=_TFORM_DTYPE[code], count=repeat, offset=offset)
+            if f"TDIM{n}" in c:
+                dims = [int(d) for d in str(c[f"TDIM{n}"]).strip().strip("()").split(",")]
+                arr = arr.reshape(dims[::-1])
+            out[wanted[name]] = arr
+        offset += nbytes
+    if offset != width or set(out) != set(cols):
+        raise _Fallback(f"HDU {hdu.name} does not hold the columns {sorted(cols.values())}")
+    return out
+
+
+def _read_fast(path: str, bbox):
+    """Read a plain (uncompressed-file) Level-2 image without astropy's header parser.
+
+    Returns the same tuple as :func:`_read_astropy`, the spectral WCS as a
+    :class:`_LazySpectralWcs`. Raises :class:`_Fallback` (or any error) when
+    astropy should read the file instead.
+    """
+    if path.endswith(".gz"):
+        raise _Fallback("gzip-compressed file")
+    with open(path, "rb") as fh:
+        return _read_fast_open(fh, path, bbox)
+
+
+def _read_fast_open(fh, path: str, bbox):
+    hdus = _scan(fh)
+    size = os.fstat(fh.fileno()).st_size
+    by_name: dict[str, _RawHdu] = {}
+    for hdu in hdus:
+        if hdu.name in by_name:
+            raise _Fallback(f"two HDUs named {hdu.name}")
+        by_name[hdu.name] = hdu
+    img = by_name.get("IMAGE")
+    if img is None or any(n not in by_name for n in (*_REQUIRED_HDUS, "WCS-WAVE")):
+        raise _Fallback("a required HDU is missing")
+    hdr = img.cards
+    shape = (int(hdr["NAXIS2"]), int(hdr["NAXIS1"]))
+    flags_compressed = False
+    for name, dtype in _IMAGE_DTYPES.items():
+        hdu = by_name[name]
+        c = hdu.cards
+        xt = str(c.get("XTENSION", "")).strip()
+        if name == "FLAGS" and xt == "BINTABLE" and c.get("ZIMAGE") is True:
+            flags_compressed = True
+            dims = (int(c["ZNAXIS"]), int(c.get("ZNAXIS2", 0)), int(c.get("ZNAXIS1", 0)))
+        elif xt == "IMAGE" and int(c["BITPIX"]) == _IMAGE_BITPIX[dtype]:
+            dims = (int(c["NAXIS"]), int(c.get("NAXIS2", 0)), int(c.get("NAXIS1", 0)))
+            if float(c.get("BSCALE", 1.0)) != 1.0 or float(c.get("BZERO", 0.0)) != 0.0:
+                raise _Fallback(f"HDU {name} is scaled")
+        else:
+            raise _Fallback(f"HDU {name} is not a plain {dtype} image")
+        if dims != (2, *shape):
+            raise _Fallback(f"HDU {name} has another shape")
+        if hdu.end > size:
+            raise _Fallback(f"HDU {name} is truncated")
+    _check_unit(hdr, "IMAGE", _SB, path, required=True)
+    _check_unit(by_name["VARIANCE"].cards, "VARIANCE", _SB2, path, required=False)
+    _check_unit(by_name["ZODI"].cards, "ZODI", _SB, path, required=False)
+    box = _check_bbox(bbox, shape, path)
+    ymin, ymax, xmin, xmax = box
+    extname, cols = _wave_columns(hdr, path)
+    tab = by_name.get(extname.upper())
+    if tab is None:
+        raise _Fallback(f"no HDU {extname}")
+    row = _table_row(fh, tab, cols)
+    fh.seek(tab.start)
+    table_hdu = fh.read(tab.end - tab.start)
+    table = _make_wave_table(
+        np.asarray(row["x"], dtype=np.float64).ravel(),
+        np.asarray(row["y"], dtype=np.float64).ravel(),
+        np.asarray(row["values"], dtype=np.float64),
+        hdr,
+        path,
+        extname,
+    )
+    meta = _make_meta(
+        hdr,
+        by_name["FLAGS"].cards,
+        hdus[0].cards.get("VERSION"),
+        [h.name for h in hdus],
+        flags_compressed,
+        path,
+        shape,
+    )
+    whole = box == (0, shape[0], 0, shape[1])
+    sl = None if whole else (slice(ymin, ymax), slice(xmin, xmax))
+    wcs = _fast_celestial_wcs(hdr)
+    if sl is not None:
+        wcs = wcs.slice(sl)
+    spec = _LazySpectralWcs(path, hdr.text(_W_KEY), table_hdu, sl)
+
+    out = {
+        n: np.empty((ymax - ymin, xmax - xmin), dtype=np.dtype(d).newbyteorder("="))
+        for n, d in _IMAGE_DTYPES.items()
+    }
+    buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    tasks = []
+    for name, dtype in _IMAGE_DTYPES.items():
+        if name == "FLAGS" and flags_compressed:
+            continue
+        src = np.ndarray(shape, dtype=dtype, buffer=buf, offset=by_name[name].data_start)
+        tasks.append(functools.partial(np.copyto, out[name], src[ymin:ymax, xmin:xmax]))
+    if flags_compressed:
+        tasks.insert(
+            1,
+            functools.partial(
+                _read_compressed, path, hdus.index(by_name["FLAGS"]), box, out["FLAGS"]
+            ),
+        )
+    _share_work(tasks, parallel=(ymax - ymin) * (xmax - xmin) >= _PARALLEL_MIN_PIXELS)
+    del tasks, src
+    return out["IMAGE"], out["VARIANCE"], out["FLAGS"], out["ZODI"], wcs, spec, meta, box, table
+
+
+def _read_compressed(path, index, box, out) -> None:
+    """Decompress ``box`` of the tile-compressed image HDU number ``index`` into ``out``."""
+    with fits.open(path, memmap=True, lazy_load_hdus=True) as hdul:
+        out[...] = _section(hdul[index], box, out.dtype, path)
+
+
+# --------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------
 def read_spherex(
@@ -974,6 +1503,49 @@ def read_spherex(
     """
     if zodi not in ("static", "fit"):
         raise ValueError(f"'zodi' must be 'static' or 'fit'; got {zodi!r}.")
+    path = _check_file(path)
+    try:
+        parts = _read_fast(path, bbox)
+    except (
+        _Fallback,
+        SpherexFileError,
+        OSError,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+    ) as why:
+        # Anything unusual (or wrong) is left to astropy, which also words the errors.
+        log.debug("%s: fast reader declined (%s); reading with astropy", path, why)
+        parts = _read_astropy(path, bbox)
+    data, var, flags, zmod, wcs, spec, meta, box, table = parts
+    zscale = zerr = None
+    if subtract_zodi:
+        if zodi == "fit":
+            zscale, zerr, _ = fit_zodi_scale(data, var, flags, zmod, flag_table=meta.flags)
+        else:
+            zscale, zerr = 1.0, 0.0
+        data = (data - np.float32(zscale) * zmod).astype(np.float32, copy=False)
+        if zerr:
+            var = (var + (np.float32(zerr) * zmod) ** 2).astype(np.float32, copy=False)
+        log.debug("%s: subtracted %.5f x ZODI (%s)", path, zscale, zodi)
+    meta = SpherexMeta(**{**meta.__dict__, "zodi_scale": zscale, "zodi_scale_err": zerr})
+    return SpherexImage(
+        data=data,
+        var=var,
+        flags=flags,
+        zodi=zmod,
+        wcs=wcs,
+        meta=meta,
+        bbox=box,
+        wave_table=table.shifted(box[2], box[0]),
+        calibration=None if calibration is None else os.fspath(calibration),
+        _spectral=spec,
+    )
+
+
+def _read_astropy(path, bbox):
+    """Read with astropy: the reference path, used for anything the fast reader declines."""
     path, hdul = _open(path)
     with hdul:
         try:
@@ -1001,26 +1573,4 @@ def read_spherex(
             raise
         except (OSError, ValueError, TypeError, IndexError) as err:
             raise SpherexFileError(path, f"corrupt or truncated FITS file ({err}).") from err
-    zscale = zerr = None
-    if subtract_zodi:
-        if zodi == "fit":
-            zscale, zerr, _ = fit_zodi_scale(data, var, flags, zmod, flag_table=meta.flags)
-        else:
-            zscale, zerr = 1.0, 0.0
-        data = (data - np.float32(zscale) * zmod).astype(np.float32, copy=False)
-        if zerr:
-            var = (var + (np.float32(zerr) * zmod) ** 2).astype(np.float32, copy=False)
-        log.debug("%s: subtracted %.5f x ZODI (%s)", path, zscale, zodi)
-    meta = SpherexMeta(**{**meta.__dict__, "zodi_scale": zscale, "zodi_scale_err": zerr})
-    return SpherexImage(
-        data=data,
-        var=var,
-        flags=flags,
-        zodi=zmod,
-        wcs=wcs,
-        spectral_wcs=spec,
-        meta=meta,
-        bbox=box,
-        wave_table=table.shifted(xmin, ymin),
-        calibration=None if calibration is None else os.fspath(calibration),
-    )
+    return data, var, flags, zmod, wcs, spec, meta, box, table
