@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import pickle
 import shutil
 
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
+import drizzle3d.spherex as spx
 from drizzle3d.simulate import (
     FLAG_BITS,
     lvf_wavelength,
@@ -404,3 +407,194 @@ def test_units_equivalent_spelling_accepted(qr2_file, tmp_path):
     assert read_spherex(p).meta.bunit == "MJy/sr"
     shutil.copy(qr2_file, tmp_path / "copy.fits")
     assert read_spherex(tmp_path / "copy.fits").meta.bunit == "MJy / sr"
+
+
+# --------------------------------------------------------------------------------------------
+# The fast reader (header scanner + memory map) against the astropy reference path
+# --------------------------------------------------------------------------------------------
+
+
+def _assert_same_read(actual, expected):
+    """Both readers' tuples: identical arrays, metadata, tables and WCSs."""
+    names = ("data", "var", "flags", "zodi")
+    for name, a, e in zip(names, actual[:4], expected[:4], strict=True):
+        assert a.dtype == e.dtype, name
+        assert a.dtype.isnative, name
+        np.testing.assert_array_equal(a, e, err_msg=name)
+    a_wcs, e_wcs = actual[4], expected[4]
+    assert a_wcs.wcs.compare(e_wcs.wcs)
+    assert a_wcs.to_header_string(relax=True) == e_wcs.to_header_string(relax=True)
+    assert a_wcs.pixel_shape == e_wcs.pixel_shape
+    for m in ("a", "b", "ap", "bp"):
+        np.testing.assert_array_equal(getattr(a_wcs.sip, m), getattr(e_wcs.sip, m))
+    np.testing.assert_array_equal(a_wcs.sip.crpix, e_wcs.sip.crpix)
+    a_spec = actual[5].build()
+    e_spec = expected[5]
+    assert a_spec.wcs.compare(e_spec.wcs)
+    assert a_spec.sip is None
+    assert actual[6] == expected[6]  # SpherexMeta, every field
+    assert actual[7] == expected[7]  # bbox
+    a_tab, e_tab = actual[8], expected[8]
+    for attr in ("x", "y", "values"):
+        np.testing.assert_array_equal(getattr(a_tab, attr), getattr(e_tab, attr))
+    assert (a_tab.crpix, a_tab.crval, a_tab.cdelt) == (e_tab.crpix, e_tab.crval, e_tab.cdelt)
+
+
+@pytest.mark.parametrize("bbox", [None, (37, 141, 55, 180), (0, 1, 179, 180)])
+def test_fast_path_equals_astropy_path(field, bbox):
+    path = str(field.paths[0])
+    expected = spx._read_astropy(path, bbox)
+    actual = spx._read_fast(path, bbox)
+    _assert_same_read(actual, expected)
+    # The spectral WCSs evaluate identically everywhere in the box.
+    ny, nx = actual[0].shape
+    yy, xx = np.mgrid[0:ny, 0:nx].astype(float)
+    expected_w = np.array(expected[5].pixel_to_world_values(xx, yy))
+    actual_w = np.array(actual[5].build().pixel_to_world_values(xx, yy))
+    np.testing.assert_array_equal(actual_w, expected_w)
+
+
+def test_read_spherex_takes_the_fast_path(field, monkeypatch):
+    def refuse(*args):
+        raise AssertionError("astropy path used")
+
+    monkeypatch.setattr(spx, "_read_astropy", refuse)
+    im = read_spherex(field.paths[1], bbox=(10, 60, 20, 90), subtract_zodi=True, zodi="fit")
+    assert im.data.shape == (50, 70)
+    assert 0.5 < im.meta.zodi_scale < 2.0
+
+
+def test_fast_and_astropy_images_agree_through_public_api(field, monkeypatch):
+    path = field.paths[1]
+    actual = read_spherex(path, subtract_zodi=True, zodi="fit")
+    monkeypatch.setattr(spx, "_read_fast", lambda *a: (_ for _ in ()).throw(spx._Fallback("x")))
+    expected = read_spherex(path, subtract_zodi=True, zodi="fit")
+    for name in ("data", "var", "flags", "zodi"):
+        np.testing.assert_array_equal(getattr(actual, name), getattr(expected, name))
+    assert actual.meta == expected.meta
+    np.testing.assert_array_equal(actual.wavemap(), expected.wavemap())
+    assert actual.spectral_wcs.wcs.compare(expected.spectral_wcs.wcs)
+
+
+def test_lazy_spectral_wcs_pickles_and_is_built_once(field):
+    im = read_spherex(field.paths[0], bbox=(5, 25, 5, 45))
+    clone = pickle.loads(pickle.dumps(im))
+    assert im.spectral_wcs is im.spectral_wcs
+    assert clone.spectral_wcs.wcs.compare(im.spectral_wcs.wcs)
+    np.testing.assert_array_equal(clone.data, im.data)
+
+
+def test_card_values_match_astropy(field):
+    """Every valued card of every header of a real-layout file parses as astropy parses it."""
+    n = 0
+    with open(field.paths[0], "rb") as fh:
+        hdus = spx._scan(fh)
+    for hdu in hdus:
+        with open(field.paths[0], "rb") as fh:
+            fh.seek(hdu.start)
+            text = fh.read(hdu.data_start - hdu.start).decode("ascii")
+        expected_header = fits.Header.fromstring(text)
+        for key in hdu.cards:
+            expected = expected_header[key]
+            actual = hdu.cards[key]
+            assert type(actual) is type(expected), key
+            assert actual == expected, key
+            n += 1
+    assert n > 200
+
+
+@pytest.mark.parametrize(
+    "card",
+    [
+        "STR     = 'O''Brien  '         / quote inside",
+        "STR2    = '  lead'",
+        "EMPTY   = ''",
+        "NUM     =              -1.5D-3 / fortran exponent",
+        "NUM2    =                 .5E2",
+        "NUM3    =                  +12",
+        "NUM4    =                  1.0",
+        "BOOL    =                    F",
+        "CPLX    = (1.0, 2.0)",
+        "UNDEF   =                      / no value",
+        "HIERARCH MP_TRANSIENT = 0 / a bit",
+        "HIERARCH ESO LONG KEY = 'x y' / spaces",
+    ],
+)
+def test_single_card_values_match_astropy(card):
+    card = card.ljust(80)
+    expected = fits.Card.fromstring(card).value
+    actual = spx._card_value(card)
+    assert type(actual) is type(expected)
+    assert actual == expected or (actual is expected)
+
+
+def test_long_string_continue_card_matches_astropy():
+    long = "x" * 100 + "yz"
+    expected_header = fits.Header()
+    expected_header["LONGSTR"] = long
+    expected_header["AFTER"] = 3
+    text = expected_header.tostring()
+    raw = spx._read_header(io.BytesIO(text.encode("ascii")))
+    assert len(raw["LONGSTR"]) > 80
+    assert spx._Cards(raw)["LONGSTR"] == long
+    assert spx._Cards(raw)["AFTER"] == 3
+
+
+def test_fast_path_declines_scaled_images_and_astropy_reads_them(qr2_file, tmp_path):
+    def edit(h):
+        h["ZODI"].header["BZERO"] = 0.5  # astropy applies it; the fast path must not guess
+
+    p = _rewrite(qr2_file, tmp_path / "scaled.fits", edit)
+    with pytest.raises(spx._Fallback, match="scaled"):
+        spx._read_fast(str(p), None)
+    # What the public reader does is the astropy path's answer (today: a clear error, since
+    # astropy will not memory-map a scaled image).
+    with pytest.raises(SpherexFileError, match=r"scaled\.fits: cannot read HDU ZODI"):
+        spx._read_astropy(str(p), None)
+    with pytest.raises(SpherexFileError, match=r"scaled\.fits: cannot read HDU ZODI"):
+        read_spherex(p)
+
+
+def test_fast_path_celestial_wcs_with_cd_matrix(qr2_file, tmp_path):
+    """A CD-matrix header goes through astropy's parser and still equals the reference path."""
+
+    def edit(h):
+        hdr = h["IMAGE"].header
+        for i in (1, 2):
+            for j in (1, 2):
+                hdr[f"CD{i}_{j}"] = hdr.get(f"PC{i}_{j}", float(i == j)) * hdr.get(f"CDELT{i}", 1)
+                hdr.remove(f"PC{i}_{j}", ignore_missing=True)
+        hdr.remove("CDELT1")
+        hdr.remove("CDELT2")
+
+    p = _rewrite(qr2_file, tmp_path / "cd.fits", edit)
+    _assert_same_read(spx._read_fast(str(p), None), spx._read_astropy(str(p), None))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_shared_work_split_is_exact(field, monkeypatch, threads):
+    """Splitting copies and wavemap rows over a helper thread changes no value."""
+    path = str(field.paths[0])
+    monkeypatch.setattr(spx, "_N_THREADS", 1)
+    expected = read_spherex(path)
+    expected_wm = expected.wavemap()
+    monkeypatch.setattr(spx, "_N_THREADS", threads)
+    monkeypatch.setattr(spx, "_PARALLEL_MIN_PIXELS", 16)
+    actual = read_spherex(path)
+    for name in ("data", "var", "flags", "zodi"):
+        np.testing.assert_array_equal(getattr(actual, name), getattr(expected, name))
+    np.testing.assert_array_equal(actual.wavemap(), expected_wm)
+
+
+def test_shared_work_runs_every_task_and_propagates_errors():
+    done = []
+    spx._share_work([lambda i=i: done.append(i) for i in range(5)])
+    assert sorted(done) == [0, 1, 2, 3, 4]
+
+    def boom():
+        raise RuntimeError("task failed")
+
+    with pytest.raises(RuntimeError, match="task failed"):
+        spx._share_work([lambda: None, boom])
+    with pytest.raises(RuntimeError, match="task failed"):
+        spx._share_work([boom, lambda: None])
