@@ -30,7 +30,7 @@ ARCSEC2_TO_SR = (math.pi / 180 / 3600) ** 2
 # --------------------------------------------------------------------------------------------
 def _cube(values, edges):
     values = np.asarray(values, dtype=float)
-    nz, ny, nx = values.shape
+    _, ny, nx = values.shape
     edges = np.asarray(edges, dtype=float)
     return xr.DataArray(
         values,
@@ -124,7 +124,7 @@ def test_blot_constant_spectrum_is_band_overlap_weighted_mean():
 
 def test_blot_cubic_reproduces_quadratic_and_nearest_picks_voxel():
     nz, ny, nx = 5, 14, 17  # pixmap x < 13: the 4 x 4 cubic stencil stays inside
-    k, j, i = np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij")
+    _, j, i = np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij")
     values = 1.0 + 0.05 * (i - 6.0) ** 2 + 0.02 * (j - 4.0) ** 2
     pixmap, wavemap = _maps()
     expected = 1.0 + 0.05 * (pixmap[..., 0] - 6.0) ** 2 + 0.02 * (pixmap[..., 1] - 4.0) ** 2
@@ -187,7 +187,7 @@ def test_blot_rejects_bad_arguments(kwargs, exc, match):
 
 def test_blot_rejects_bad_cube_and_maps():
     pixmap, wavemap = _maps(3, 3)
-    with pytest.raises(TypeError, match="'cube' must be an xarray.DataArray or a Drizzle3D"):
+    with pytest.raises(TypeError, match=r"'cube' must be an xarray\.DataArray or a Drizzle3D"):
         blot_cube(np.ones((5, 4, 4)), pixmap, wavemap)
     bare = xr.DataArray(np.ones((5, 4, 4)), dims=("wavelength", "y", "x"))
     with pytest.raises(ValueError, match="'wavelength_min' and 'wavelength_max'"):
@@ -306,7 +306,7 @@ def crfield(tmp_path_factory):
 
 
 def test_outliers_find_hits_without_flagging_sources(crfield):
-    field, grid, exposures, clean, flags_cr, _ = crfield
+    field, grid, exposures, _, flags_cr, _ = crfield
     n_hits = n_found = n_src = n_src_false = n_false = n_grow = 0
     for e, truth, new in zip(exposures, field.exposures, flags_cr, strict=True):
         flagged = (new & OUTLIER) != 0
@@ -354,9 +354,9 @@ def test_rejection_brings_cube_error_at_hits_to_hit_free_level(crfield):
     rejection = error(exposures, flags_cr)
     hit_free = error(clean, None)
     print(
-        f"\nRMS cube error at {at_hits.sum()} hit voxels (MJy/sr): no rejection {no_rejection:.4g}, "
-        f"with rejection {rejection:.4g}, hit-free run {hit_free:.4g} "
-        f"(ratio {rejection / hit_free:.2f})"
+        f"\nRMS cube error at {at_hits.sum()} hit voxels (MJy/sr): "
+        f"no rejection {no_rejection:.4g}, with rejection {rejection:.4g}, "
+        f"hit-free run {hit_free:.4g} (ratio {rejection / hit_free:.2f})"
     )
     assert no_rejection > 5 * hit_free  # the hits matter
     assert rejection <= 1.5 * hit_free
