@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy import ndimage
 
 __all__ = ["INTERPOLATIONS", "Exposure", "blot_cube", "find_outliers"]
 
@@ -201,9 +200,12 @@ def _integrate_linear(mu, v, m, lo, hi):
 @_jit
 def _blot_kernel(
     cube, nodes, has_nodes, centres, bin_lo, bin_hi, pixmap, wavemap,
-    interp, spectral, min_coverage, fillval, y0, y1, x0, x1, out,
+    interp, spectral, min_coverage, fillval, y0, y1, x0, x1, only_missing, out,
 ):  # fmt: skip
-    """Blot ``cube`` (nz, ny, nx) onto ``out`` (ny_in, nx_in) over the input box y0..y1, x0..x1."""
+    """Blot ``cube`` (nz, ny, nx) onto ``out`` (ny_in, nx_in) over the input box y0..y1, x0..x1.
+
+    With ``only_missing``, pixels of ``out`` that are already finite are kept.
+    """
     nz, ny, nx = cube.shape
     wts = np.empty(16)
     iis = np.empty(16, dtype=np.int64)
@@ -216,6 +218,8 @@ def _blot_kernel(
     nfilled = 0
     for j in range(y0, y1 + 1):
         for i in range(x0, x1 + 1):
+            if only_missing and math.isfinite(out[j, i]):
+                continue
             x = pixmap[j, i, 0]
             y = pixmap[j, i, 1]
             lam = wavemap[j, i, 0]
@@ -423,14 +427,20 @@ def _cube_arrays(cube, wave):
     return np.ascontiguousarray(values), nodes, lo, hi
 
 
-def _blot_arrays(values, nodes, lo, hi, pixmap, wavemap, interp, spectral, fillval, min_cov, box):
+def _blot_arrays(
+    values, nodes, lo, hi, pixmap, wavemap, interp, spectral, fillval, min_cov, box, out=None
+):  # fmt: skip
+    """Blot onto a new image, or (``out`` given) fill only its non-finite pixels."""
     ny_in, nx_in = pixmap.shape[:2]
-    out = np.empty((ny_in, nx_in), dtype=np.float64)
+    only_missing = out is not None
+    if out is None:
+        out = np.empty((ny_in, nx_in), dtype=np.float64)
+        if box is not None:
+            out.fill(fillval)
     if box is None:
         y0, y1, x0, x1 = 0, ny_in - 1, 0, nx_in - 1
     else:
         y0, y1, x0, x1 = box
-        out.fill(fillval)
     has_nodes = nodes is not None
     _blot_kernel(
         values,
@@ -449,6 +459,7 @@ def _blot_arrays(values, nodes, lo, hi, pixmap, wavemap, interp, spectral, fillv
         y1,
         x0,
         x1,
+        only_missing,
         out,
     )
     return out
@@ -685,81 +696,99 @@ def _first_pass_edges(exposures, edges, ny, nx, min_depth, step=4, block=8):
     return np.asarray(out, dtype=np.float64)
 
 
-def _derivative(img):
-    """Blot derivative as drizzlepac's ``quickDeriv`` defines it, NaN-aware.
-
-    ``sqrt(dx**2 + dy**2)`` with ``dx`` (``dy``) the largest absolute difference
-    of a pixel with its left/right (lower/upper) neighbours.
-    """
-
-    def along(axis):
-        d = np.full(img.shape, np.nan)
-        n = img.shape[axis]
-        a = [slice(None)] * 2
-        b = [slice(None)] * 2
-        a[axis], b[axis] = slice(1, n), slice(0, n - 1)
-        a, b = tuple(a), tuple(b)
-        with np.errstate(invalid="ignore"):
-            diff = np.abs(img[a] - img[b])
-            d[a] = np.fmax(d[a], diff)
-            d[b] = np.fmax(d[b], diff)
-        return np.where(np.isfinite(d), d, 0.0)
-
-    return np.hypot(along(1), along(0))
+@_jit
+def _usable(data, flags, exclude, j, i):
+    return math.isfinite(data[j, i]) and (np.int64(flags[j, i]) & exclude) == 0
 
 
 @_jit
-def _median3x3(img, out):
-    """3 x 3 median of the finite values around each pixel (NaN if none)."""
-    ny, nx = img.shape
+def _cr_test(
+    data, var, blot, flags, exclude, snr1, snr2, sc1, sc2, local, y0, y1, x0, x1, first, second
+):  # fmt: skip
+    """The two driz_cr thresholds on the input box; marks ``first`` and ``second``.
+
+    ``D = hypot(Dx, Dy)``, ``Dx`` (``Dy``) the blot's largest absolute difference
+    with its x (y) neighbours, as drizzlepac's ``quickDeriv``. With ``local``,
+    a residual is first reduced by the 3 x 3 median of the residuals around it
+    when that has the same sign (what the robust cube misses over several pixels,
+    such as a narrow emission line smeared by its coarse bins, is not a hit; a
+    cosmic ray is an isolated spike; a sharp source's negative wings must not
+    raise its peak). Only pixels above the lower threshold pay for the median.
+    """
+    ny, nx = data.shape
     buf = np.empty(9)
-    for j in range(ny):
-        for i in range(nx):
-            m = 0
-            for b in range(max(j - 1, 0), min(j + 2, ny)):
-                for a in range(max(i - 1, 0), min(i + 2, nx)):
-                    v = img[b, a]
-                    if math.isfinite(v):
+    lo_snr = min(snr1, snr2)
+    lo_sc = min(sc1, sc2)
+    n_first = 0
+    for j in range(y0, y1 + 1):
+        for i in range(x0, x1 + 1):
+            b = blot[j, i]
+            if not math.isfinite(b) or not _usable(data, flags, exclude, j, i):
+                continue
+            v = var[j, i]
+            if not (math.isfinite(v) and v >= 0.0):
+                continue
+            sig = math.sqrt(v)
+            dx = 0.0
+            dy = 0.0
+            for a in (i - 1, i + 1):
+                if 0 <= a < nx and math.isfinite(blot[j, a]):
+                    dx = max(dx, abs(b - blot[j, a]))
+            for c in (j - 1, j + 1):
+                if 0 <= c < ny and math.isfinite(blot[c, i]):
+                    dy = max(dy, abs(b - blot[c, i]))
+            deriv = math.sqrt(dx * dx + dy * dy)
+            r = data[j, i] - b
+            diff = abs(r)
+            if diff <= lo_snr * sig + lo_sc * deriv:
+                continue
+            if local:
+                m = 0
+                for c in range(max(j - 1, 0), min(j + 2, ny)):
+                    for a in range(max(i - 1, 0), min(i + 2, nx)):
+                        if not math.isfinite(blot[c, a]) or not _usable(data, flags, exclude, c, a):
+                            continue
+                        q = data[c, a] - blot[c, a]
                         p = m
-                        while p > 0 and buf[p - 1] > v:
+                        while p > 0 and buf[p - 1] > q:
                             buf[p] = buf[p - 1]
                             p -= 1
-                        buf[p] = v
+                        buf[p] = q
                         m += 1
-            if m == 0:
-                out[j, i] = np.nan
-            elif m % 2 == 1:
-                out[j, i] = buf[m // 2]
-            else:
-                out[j, i] = 0.5 * (buf[m // 2 - 1] + buf[m // 2])
+                level = buf[m // 2] if m % 2 == 1 else 0.5 * (buf[m // 2 - 1] + buf[m // 2])
+                same = level if r > 0 else -level
+                if same > 0.0:
+                    diff = max(diff - same, 0.0)
+            if diff > snr1 * sig + sc1 * deriv:
+                first[j, i] = True
+                n_first += 1
+            if diff > snr2 * sig + sc2 * deriv:
+                second[j, i] = True
+    return n_first
 
 
-def _driz_cr(data, var, blot, usable, snr, scale, grow, local):
-    """The driz_cr test: two thresholds, the lower one only next to a first-pass hit."""
-    with np.errstate(invalid="ignore"):
-        resid = np.where(usable, data - blot, np.nan)
-        if local:
-            # remove the residual's local (3 x 3 median) level: what the robust cube missed
-            # over several pixels (narrow emission lines smeared by its coarse bins) is not a
-            # hit; a cosmic ray is an isolated spike.
-            # Only a level of the residual's own sign is removed: a sharp source's
-            # negative wings must not raise its peak's residual.
-            level = np.empty_like(resid)
-            _median3x3(resid, level)
-            level = np.where(np.isfinite(level), level, 0.0)
-            diff = np.maximum(np.abs(resid) - np.maximum(np.sign(resid) * level, 0.0), 0.0)
-        else:
-            diff = np.abs(resid)
-        sigma = np.sqrt(var)
-        deriv = _derivative(blot)
-        test = usable & np.isfinite(diff) & np.isfinite(sigma)
-        first = test & (diff > snr[0] * sigma + scale[0] * deriv)
-        second = test & (diff > snr[1] * sigma + scale[1] * deriv)
-    box = np.ones((3, 3), dtype=bool)
-    hits = ndimage.binary_dilation(first, structure=box) & second
-    if grow > 0 and hits.any():
-        hits = ndimage.binary_dilation(hits, structure=np.ones((2 * grow + 1,) * 2, dtype=bool))
-    return hits
+@_jit
+def _mark_hits(first, second, grow, y0, y1, x0, x1, flags, bit):
+    """Hits are ``second`` pixels in the 3 x 3 of a ``first`` one; grow them; set ``bit``."""
+    ny, nx = first.shape
+    hit = np.zeros((y1 - y0 + 1, x1 - x0 + 1), dtype=np.bool_)
+    for j in range(y0, y1 + 1):
+        for i in range(x0, x1 + 1):
+            if first[j, i]:
+                for c in range(max(j - 1, y0), min(j + 2, y1 + 1)):
+                    for a in range(max(i - 1, x0), min(i + 2, x1 + 1)):
+                        if second[c, a]:
+                            hit[c - y0, a - x0] = True
+    n = 0
+    for j in range(y0, y1 + 1):
+        for i in range(x0, x1 + 1):
+            if hit[j - y0, i - x0]:
+                for c in range(max(j - grow, 0), min(j + grow + 1, ny)):
+                    for a in range(max(i - grow, 0), min(i + grow + 1, nx)):
+                        if (flags[c, a] & bit) == 0:
+                            flags[c, a] |= bit
+                            n += 1
+    return n
 
 
 def _robust_cube(exposures, ny, nx, coarse, drizzle_kwargs, wrap):
@@ -985,7 +1014,7 @@ def find_outliers(
     blo, bhi = coarse[:1].copy(), coarse[-1:].copy()
 
     # ---- pass 2: blot and test each exposure ---------------------------------------------
-    bit = np.asarray(1 << int(outlier_bit))
+    bit_value = 1 << int(outlier_bit)
     out = []
     n_flagged = 0
     for exp, in_box in zip(wrap(exposures), boxes, strict=True):
@@ -1004,21 +1033,32 @@ def find_outliers(
         )
         # where fewer than two exposures cover a robust voxel, fall back on the robust
         # broad-band image (its continuum mismatch is smooth: the local level removes it)
-        empty = ~np.isfinite(blot)
-        if empty.any():
-            broad_blot = _blot_arrays(
-                broad, bwave, blo, bhi, pixmap, wavemap, "linear", "linear", np.nan, 0.5, in_box
-            )
-            blot[empty] = broad_blot[empty]
-        data = np.asarray(exp.data, dtype=np.float64)
-        usable = np.isfinite(data)
-        if exclude:
-            usable &= (flags.astype(np.int64) & exclude) == 0
-        hits = _driz_cr(
-            data, np.asarray(exp.var, dtype=np.float64), blot, usable, snr, scale, grow, local
+        _blot_arrays(
+            broad, bwave, blo, bhi, pixmap, wavemap, "linear", "linear", np.nan, 0.5, in_box, blot
         )
-        flags[hits] |= bit.astype(flags.dtype, casting="unsafe")
-        n_flagged += int(hits.sum())
+        y0, y1, x0, x1 = in_box
+        first = np.zeros(exp.shape, dtype=np.bool_)
+        second = np.zeros(exp.shape, dtype=np.bool_)
+        _cr_test(
+            np.asarray(exp.data),
+            np.asarray(exp.var),
+            blot,
+            flags,
+            np.int64(exclude),
+            snr[0],
+            snr[1],
+            scale[0],
+            scale[1],
+            bool(local),
+            y0,
+            y1,
+            x0,
+            x1,
+            first,
+            second,
+        )
+        bit = np.asarray(bit_value).astype(flags.dtype, casting="unsafe")[()]
+        n_flagged += _mark_hits(first, second, int(grow), y0, y1, x0, x1, flags, bit)
         out.append(flags)
     logger.info("find_outliers: flagged %d pixels in %d exposures", n_flagged, n)
     return out
