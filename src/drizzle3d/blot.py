@@ -872,7 +872,9 @@ def find_outliers(
        per exposure, so a native-resolution voxel holds only one or two).
     2. The robust cube is the per-voxel median over those single-exposure cubes
        (the smaller value where only two cover a voxel; empty where only one
-       does), with each voxel's effective wavelength carried along.
+       does), with each voxel's effective wavelength carried along. A robust
+       broad-band image (per exposure the mean over its bins, then the same
+       median) is the fallback where a voxel is empty.
     3. It is blotted back onto every exposure (:func:`blot_cube`, bilinear, with
        the spectrum piecewise linear through the effective wavelengths).
     4. With ``D = hypot(Dx, Dy)`` (``Dx``, ``Dy``: the blot's largest absolute
@@ -880,7 +882,11 @@ def find_outliers(
        ``quickDeriv``) and ``sigma = sqrt(var)``, a pixel is a first-pass hit if
        ``|data - blot| > snr[0] * sigma + scale[0] * D``; a hit, or a neighbour
        of one, is flagged if ``|data - blot| > snr[1] * sigma + scale[1] * D``;
-       the flagged pixels are grown by ``grow`` pixels (a square).
+       the flagged pixels are grown by ``grow`` pixels (a square). With
+       ``local``, ``|data - blot|`` is first reduced by the 3 x 3 median of the
+       residuals around the pixel when that has the same sign: the coarse robust
+       bins smear narrow emission lines, which leaves residuals spread over many
+       pixels, while a cosmic ray is an isolated spike.
 
     The final drizzle should then exclude ``outlier_bit``
     (``exclude_flags=... | 1 << outlier_bit``).
@@ -904,6 +910,8 @@ def find_outliers(
         Target number of exposures per voxel of the robust cube (see step 1).
     first_pass_edges : array_like, optional
         Wavelength edges (um) of the robust cube, overriding ``min_depth``.
+    local : bool, optional
+        Remove the residual's local level before the tests (see step 4).
     progress : callable, optional
         Wraps an iterable to report progress (e.g. ``tqdm.tqdm``); called for the
         drizzle loop and the blot loop.
@@ -925,6 +933,11 @@ def find_outliers(
 
     Notes
     -----
+    Pixels that land outside the grid, or where neither the robust cube nor the
+    broad-band image has two exposures, cannot be tested and are never flagged.
+    The noise term uses the exposure's own ``var``; SPHEREx ``VARIANCE`` includes
+    the source's shot noise, which is what protects bright sources.
+
     **Memory.** The single-exposure cubes are held as a float32 stack of
     ``nz_robust x ny x nx x n_exposures`` values plus as many effective
     wavelengths: ``8 * nz_robust * ny * nx * n_exposures`` bytes, with
