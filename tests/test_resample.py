@@ -174,12 +174,29 @@ def test_band_spanning_bins_is_split_exactly(wave_pixfrac):
     expected = overlap / (hi - lo)  # pixel area 1, weight 1
     np.testing.assert_allclose(per_bin, expected, rtol=1e-12, atol=1e-15)
     assert per_bin.sum() == pytest.approx(1.0, rel=1e-12)
-    # effective wavelength (issue 10): the overlap centroid in each bin it touches
-    wave = d.out_wave.values[:, 10, 10]
+    # effective wavelength (issue 10), default "band": where the pixel's value was measured
     touched = overlap > 0
-    centroid = 0.5 * (np.maximum(lo, edges[:-1]) + np.minimum(hi, edges[1:]))
-    np.testing.assert_allclose(wave[touched], centroid[touched], rtol=1e-12)
+    wave = d.out_wave.values[:, 10, 10]
+    np.testing.assert_allclose(wave[touched], lam, rtol=1e-12)
     assert np.all(np.isnan(wave[~touched]))
+    spread = d.out_wave_spread.values[:, 10, 10]
+    np.testing.assert_allclose(spread[touched], (hi - lo) / np.sqrt(12.0), rtol=1e-6)
+    # "overlap": the analytic centroid of the band's overlap with each bin it touches
+    o = Drizzle3D(
+        out_shape=(10, 20, 20),
+        wave_edges=edges,
+        wave_pixfrac=wave_pixfrac,
+        weighting="uniform",
+        effective_wavelength="overlap",
+    )
+    o.add_image(data, var, None, pixmap, wavemap)
+    ol = np.maximum(lo, edges[:-1])
+    oh = np.minimum(hi, edges[1:])
+    wave = o.out_wave.values[:, 10, 10]
+    np.testing.assert_allclose(wave[touched], 0.5 * (ol + oh)[touched], rtol=1e-12)
+    spread = o.out_wave_spread.values[:, 10, 10]
+    np.testing.assert_allclose(spread[touched], (oh - ol)[touched] / np.sqrt(12.0), rtol=1e-6)
+    np.testing.assert_array_equal(o.out_wht.values, d.out_wht.values)
 
 
 def test_band_outside_grid_misses():
@@ -436,6 +453,7 @@ BAD_INIT = [
     ({"out_shape": (2, 3, 4), "wave_edges": [1, 3, 2]}, ValueError, "strictly increasing"),
     ({"out_shape": (1, 3, 4), "wave_edges": [1, np.nan]}, ValueError, "finite"),
     ({"kernel": "tophat"}, ValueError, "'kernel' must be one of"),
+    ({"effective_wavelength": "mean"}, ValueError, "'effective_wavelength' must be"),
     ({"pixfrac": 0.0}, ValueError, r"'pixfrac' must be in \(0, 1\]"),
     ({"pixfrac": 1.5}, ValueError, r"'pixfrac' must be in \(0, 1\]"),
     ({"wave_pixfrac": -0.1}, ValueError, "'wave_pixfrac'"),

@@ -189,30 +189,41 @@ def _first_bin(edges, lo):
 
 
 @_jit_inline
-def _spectral_overlaps(edges, lo, hi, spec):
+def _spectral_overlaps(edges, lo, hi, band_centroid, spec):
     """Fractions of the band [lo, hi] in each bin it overlaps, once per input pixel.
 
-    Fills ``spec[n] = (k, fraction, centroid, second moment)`` for the ``n``
+    Fills ``spec[n] = (k, fraction, wavelength, second moment)`` for the ``n``
     bins (consecutive, from the first) with positive overlap; returns ``n``.
+    The wavelength of a contribution is the band's centre (``band_centroid``:
+    where the pixel's value was measured) or the centroid of its overlap with
+    the bin; the second moment is that of the top-hat it stands for (the whole
+    band, or the overlap).
     """
     nz = edges.size - 1
-    inv_width = 1.0 / (hi - lo)
+    width = hi - lo
+    inv_width = 1.0 / width
+    mid = 0.5 * (lo + hi)
+    band_m2 = mid * mid + width * width / 12.0
     n = 0
     for k in range(_first_bin(edges, lo), nz):
         el = edges[k]
         if el >= hi or n >= spec.shape[0]:
             break
         eh = edges[k + 1]
-        ol = lo if lo > el else el
-        oh = hi if hi < eh else eh
+        ol = max(lo, el)
+        oh = min(hi, eh)
         ov = oh - ol
         if ov <= 0.0:
             continue
-        c = 0.5 * (ol + oh)
         spec[n, 0] = k
         spec[n, 1] = ov * inv_width
-        spec[n, 2] = c
-        spec[n, 3] = c * c + ov * ov / 12.0
+        if band_centroid:
+            spec[n, 2] = mid
+            spec[n, 3] = band_m2
+        else:
+            c = 0.5 * (ol + oh)
+            spec[n, 2] = c
+            spec[n, 3] = c * c + ov * ov / 12.0
         n += 1
     return n
 
@@ -350,8 +361,8 @@ def _band(wavemap, j, i, wave_pixfrac, lam_min, lam_max):
 @_jit
 def drizzle_square(
     data, var, weight, flags, pixmap, wavemap, edges, pixfrac, wave_pixfrac, min_overlap,
-    track_wave, acc, macc, ctx, ctx_plane, ctx_bit, use_ctx, scratch, gather, cube, gout,
-    xq, yq, spec, row_hit,
+    track_wave, band_centroid, acc, macc, ctx, ctx_plane, ctx_bit, use_ctx, scratch, gather,
+    cube, gout, xq, yq, spec, row_hit,
 ):  # fmt: skip
     """Square kernel: exact overlap of the shrunk pixel quadrilateral with output pixels.
 
@@ -422,7 +433,7 @@ def drizzle_square(
                     if jaco <= 0.0 or i1 < i0 or j1 < j0:
                         nmiss += 1
                         continue
-                    nspec = _spectral_overlaps(edges, lo, hi, spec)
+                    nspec = _spectral_overlaps(edges, lo, hi, band_centroid, spec)
                     w = weight[j, i]
                     d = data[j, i]
                     v = var[j, i]
@@ -505,8 +516,8 @@ def drizzle_square(
 @_jit
 def drizzle_centred(
     kernel_id, data, var, weight, flags, pixmap, wavemap, edges, pixfrac, wave_pixfrac, pscale,
-    min_overlap, track_wave, lut, acc, macc, ctx, ctx_plane, ctx_bit, use_ctx, gather, cube, gout,
-    spec, row_hit,
+    min_overlap, track_wave, band_centroid, lut, acc, macc, ctx, ctx_plane, ctx_bit, use_ctx,
+    gather, cube, gout, spec, row_hit,
 ):  # fmt: skip
     """Kernels centred on the mapped pixel centre: turbo, point, gaussian, lanczos, bilinear.
 
@@ -553,7 +564,7 @@ def drizzle_centred(
                     if not (math.isfinite(lo) and math.isfinite(xc) and math.isfinite(yc)):
                         nmiss += 1
                         continue
-                    nspec = _spectral_overlaps(edges, lo, hi, spec)
+                    nspec = _spectral_overlaps(edges, lo, hi, band_centroid, spec)
                     w = weight[j, i]
                     d = data[j, i]
                     v = var[j, i]
@@ -684,7 +695,7 @@ def drizzle_centred(
 
 def drizzle_image(
     kernel_id, data, var, weight, flags, pixmap, wavemap, edges, pixfrac, wave_pixfrac, pscale,
-    min_overlap, track_wave, lut, acc, macc, ctx, ctx_plane, ctx_bit, use_ctx,
+    min_overlap, track_wave, band_centroid, lut, acc, macc, ctx, ctx_plane, ctx_bit, use_ctx,
     gather=False, cube=None, gout=None,
 ):  # fmt: skip
     """Drizzle one image (or one box of it) into the accumulators, in place.
@@ -706,6 +717,9 @@ def drizzle_image(
         minimum fraction of a drop's volume for a voxel contribution to count.
     track_wave : bool
         Accumulate the effective-wavelength moments.
+    band_centroid : bool
+        Give each contribution its band's centre as wavelength (else the
+        centroid of its overlap with the bin).
     lut : float64 array
         Lanczos look-up table (ignored by other kernels).
     acc : float64 (ny_out, nx_out, nz, N_FIELDS)
@@ -734,14 +748,14 @@ def drizzle_image(
     if kernel_id == 0:
         return drizzle_square(
             data, var, weight, flags, pixmap, wavemap, edges, pixfrac, wave_pixfrac,
-            min_overlap, track_wave, acc, macc, ctx, ctx_plane, ctx_bit, use_ctx,
+            min_overlap, track_wave, band_centroid, acc, macc, ctx, ctx_plane, ctx_bit, use_ctx,
             np.zeros((_SCRATCH, _SCRATCH)), gather, cube, gout, np.empty(4), np.empty(4),
             spec, row_hit,
         )  # fmt: skip
     return drizzle_centred(
         kernel_id, data, var, weight, flags, pixmap, wavemap, edges, pixfrac, wave_pixfrac,
-        pscale, min_overlap, track_wave, lut, acc, macc, ctx, ctx_plane, ctx_bit, use_ctx,
-        gather, cube, gout, spec, row_hit,
+        pscale, min_overlap, track_wave, band_centroid, lut, acc, macc, ctx, ctx_plane, ctx_bit,
+        use_ctx, gather, cube, gout, spec, row_hit,
     )  # fmt: skip
 
 
