@@ -33,7 +33,7 @@ def _full_config():
                 "exclude_flags": ["HOT", "cold", "TRANSIENT"],
                 "zodi": "static",
             },
-            "outliers": {"enabled": True, "snr": 4.5, "scale": 1.5, "grow": 2},
+            "outliers": {"enabled": True, "snr": [4.5, 3.5], "scale": [1.5, 0.5], "grow": 2},
             "inputs": {
                 "query": {"mjd_range": [61000.5, None], "max_images": 40, "releases": "qr2"},
                 "mirror": "/data/irsa",
@@ -96,6 +96,7 @@ def test_defaults_and_example():
         ({"output": {"formats": ["hdf5"]}}, ValueError, r"'output.formats' must be one of"),
         ({"outliers": {"enabled": "yes"}}, TypeError, r"'outliers.enabled' must be true or false"),
         ({"workers": 0}, ValueError, r"'workers' must be >= 1"),
+        ({"outliers": {"snr": [5.0]}}, ValueError, r"'outliers.snr' must be \[first, second\]"),
         ({"inputs": {"files": ["a.fits"], "glob": "*.fits"}}, ValueError, r"one of files, glob"),
         ({"pixel_scale": "6"}, TypeError, r"'pixel_scale' must be a number; got '6'"),
     ],

@@ -214,3 +214,23 @@ def test_extracted_spectrum_errors_match_scatter(one_star_field):
     # mean flux is the truth (noise-free input), within the scatter of the mean
     mean_err = np.abs(fluxes[:, ok].mean(axis=0) - expected["flux"].values[ok])
     assert np.all(mean_err < 5 * actual_scatter / math.sqrt(N_REALISATIONS))
+
+
+# ---------------------------------------------------------------- outliers section
+def test_outlier_rejection_removes_unflagged_cosmic_rays(tmp_path):
+    pytest.importorskip("drizzle3d.blot")
+    common = {"n_exposures": 8, "shape": (96, 96), "center": CENTER, "seed": 4}
+    clean = simulate_field(tmp_path / "clean", cosmic_rays=0.0, **common)
+    hit = simulate_field(tmp_path / "hit", cosmic_rays=2e-3, cosmic_rays_flagged=False, **common)
+    grid = OutputGrid(SpatialGrid.from_center(*CENTER, 6.0, 6.0), SpectralGrid.native(3))
+    expected = drizzle_files(clean.paths, grid)
+    plain = drizzle_files(hit.paths, grid)
+    actual = drizzle_files(hit.paths, grid, outliers={"enabled": True, "grow": 1})
+    sigma = np.sqrt(expected.out_var.values)
+
+    def n_bad(d):
+        return int(np.nansum(np.abs(d.out_sci.values - expected.out_sci.values) > 5 * sigma))
+
+    print(f"\nvoxels > 5 sigma off the clean cube: plain {n_bad(plain)}, rejected {n_bad(actual)}")
+    assert n_bad(plain) > 20
+    assert n_bad(actual) < 0.2 * n_bad(plain)

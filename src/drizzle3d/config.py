@@ -279,18 +279,28 @@ class DrizzleConfig(_Section):
 
 @dataclass(frozen=True)
 class OutliersConfig(_Section):
-    """Outlier rejection (:func:`drizzle3d.blot.find_outliers`): off by default."""
+    """Outlier rejection (:func:`drizzle3d.blot.find_outliers`): off by default.
+
+    ``snr`` and ``scale`` are the (first pass, second pass) thresholds of
+    drizzlepac's ``driz_cr``; ``grow`` dilates the flagged pixels.
+    """
 
     enabled: bool = False
-    snr: float = 5.0
-    scale: float = 1.2
+    snr: tuple = (5.0, 4.0)
+    scale: tuple = (1.2, 0.7)
     grow: int = 1
     _name = "outliers"
 
     def __post_init__(self):
         _bool("outliers.enabled", self.enabled)
-        object.__setattr__(self, "snr", _num("outliers.snr", self.snr, low=0, low_open=True))
-        object.__setattr__(self, "scale", _num("outliers.scale", self.scale, low=0))
+        for key, low_open in (("snr", True), ("scale", False)):
+            v = getattr(self, key)
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                v = (v, v)
+            if not isinstance(v, list | tuple) or len(v) != 2:
+                raise ValueError(f"'outliers.{key}' must be [first, second] numbers; got {v!r}.")
+            v = tuple(_num(f"outliers.{key}", x, low=0, low_open=low_open) for x in v)
+            object.__setattr__(self, key, v)
         object.__setattr__(self, "grow", _int("outliers.grow", self.grow, low=0))
 
 
@@ -604,9 +614,9 @@ drizzle:
 
 outliers:                # outlier rejection by blotting the cube back (drizzle3d.blot)
   enabled: false
-  snr: 5.0
-  scale: 1.2
-  grow: 1
+  snr: [5.0, 4.0]         # driz_cr thresholds (first, second pass)
+  scale: [1.2, 0.7]       # driz_cr derivative scales (first, second pass)
+  grow: 1                 # dilate flagged pixels by this many pixels
 
 inputs:                  # exactly one of files, glob or query
   files: []              # example: [data/level2_a.fits, data/level2_b.fits]

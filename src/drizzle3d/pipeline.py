@@ -600,7 +600,19 @@ def _run_with_outliers(items, grid, settings, n_inputs, progress):
             _record(summary, rec)
         else:
             preps.append((ctx_id, prep))
-    exposures = [blot.Exposure(p.data, p.var, p.flags, p.pixmap, p.wavemap) for _, p in preps]
+    exposures = [
+        blot.Exposure(
+            p.data,
+            p.var,
+            p.flags,
+            p.pixmap,
+            p.wavemap,
+            weight_map=np.full(p.data.shape, p.wht_scale),
+            exptime=p.exptime,
+            name=p.path,
+        )
+        for _, p in preps
+    ]
     opts = settings["outliers"]
     kwargs = {
         "kernel": settings["kernel"],
@@ -609,8 +621,16 @@ def _run_with_outliers(items, grid, settings, n_inputs, progress):
         "weighting": _core_weighting(settings["weighting"]),
         "exclude_flags": settings["exclude_mask"],
     }
+    snr = opts.get("snr", (5.0, 4.0))
+    scale = opts.get("scale", (1.2, 0.7))
     new_flags = blot.find_outliers(
-        exposures, grid, **kwargs, snr=opts["snr"], scale=opts["scale"], grow=opts["grow"]
+        exposures,
+        grid,
+        snr=tuple(snr) if isinstance(snr, list | tuple) else (snr, snr),
+        scale=tuple(scale) if isinstance(scale, list | tuple) else (scale, scale),
+        grow=int(opts.get("grow", 1)),
+        progress=progress,
+        **kwargs,
     )
     d = _new_cube(grid, settings, n_inputs)
     for (ctx_id, prep), flags in zip(preps, new_flags, strict=True):
@@ -792,9 +812,13 @@ def _resolve_inputs(config) -> list[str]:
 
 
 def _detector_of(path: str) -> int | None:
+    """DETECTOR keyword of a file's IMAGE header (None if unreadable)."""
+    from astropy.io import fits
+
     try:
-        return _header_wcs(path)[0]
-    except SpherexFileError:
+        with fits.open(path, memmap=True, lazy_load_hdus=True) as hdul:
+            return int(hdul["IMAGE"].header["DETECTOR"])
+    except (OSError, KeyError, ValueError, TypeError, IndexError):
         return None
 
 

@@ -1,0 +1,148 @@
+"""Pipeline benchmark: drizzle3d.drizzle vs spxquery 0.4.1's drizzle_detector.
+
+The same simulated full-frame D3 field (8 exposures of 2040 x 2040, written once to
+a cache directory) goes through both pipelines onto a 30 x 30 arcmin grid, with
+native and 2x oversampled spectral grids. Each run is a fresh subprocess; the
+script prints seconds per exposure (the ``drizzle(config)`` / ``drizzle_detector``
+call only, after imports; ours includes loading numba's cached kernels and writing
+the FITS cube), the subprocess's peak memory (VmHWM, imports included), and the
+ratios.
+
+spxquery pins astropy < 8, so it runs from its own environment::
+
+    python3 -m venv /work/venv-spxq && /work/venv-spxq/bin/pip install spxquery==0.4.1
+
+Usage::
+
+    python benchmarks/bench_pipeline.py [--cache DIR] [--spxquery-python PATH] [--n 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+CENTER = (150.0, 2.0)
+WIDTH = 30.0  # arcmin
+
+OURS = textwrap.dedent(
+    """
+    import json, sys, time
+    from pathlib import Path
+    from drizzle3d.config import Drizzle3DConfig
+    from drizzle3d.pipeline import drizzle
+    paths, factor, out = json.loads(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+    ra, dec, width = (float(v) for v in sys.argv[4:7])
+    spectral = {"mode": "native"} if factor == 1 else {"mode": "oversampled", "factor": factor}
+    cfg = Drizzle3DConfig.from_dict({
+        "region": {"ra": ra, "dec": dec, "width": width},
+        "spectral": spectral,
+        "inputs": {"files": paths},
+        "output": {"directory": out, "overwrite": True},
+    })
+    t0 = time.perf_counter()
+    drizzle(cfg)
+    dt = time.perf_counter() - t0
+    hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")][0]
+    rss = int(hwm.split()[1]) / 1024
+    print(json.dumps({"seconds": dt, "peak_mb": rss}))
+    """
+)
+
+SPXQ = textwrap.dedent(
+    """
+    import json, sys, time
+    from pathlib import Path
+    from spxquery.drizzle3d.config import Drizzle3DConfig
+    from spxquery.drizzle3d.grid import build_output_wcs
+    from spxquery.drizzle3d.pipeline import drizzle_detector
+    paths, factor, out = json.loads(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+    ra, dec, width = (float(v) for v in sys.argv[4:7])
+    cfg = Drizzle3DConfig(center_ra=ra, center_dec=dec, width=width, height=width, detector=3,
+                          z_oversample=factor, output_dir=Path(out), overwrite=True)
+    wcs = build_output_wcs(cfg)
+    t0 = time.perf_counter()
+    drizzle_detector([Path(p) for p in paths], cfg, 3, wcs)
+    dt = time.perf_counter() - t0
+    hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")][0]
+    rss = int(hwm.split()[1]) / 1024
+    print(json.dumps({"seconds": dt, "peak_mb": rss}))
+    """
+)
+
+
+def _field(cache: Path, n: int) -> list[str]:
+    paths = sorted(str(p) for p in cache.glob("level2_*.fits"))
+    if len(paths) >= n:
+        return paths[:n]
+    from drizzle3d.simulate import simulate_field
+
+    print(f"simulating {n} full-frame D3 exposures into {cache} (once) ...", flush=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    f = simulate_field(cache, n_exposures=n, shape=(2040, 2040), center=CENTER, seed=42)
+    return [str(p) for p in f.paths]
+
+
+def _run(python: str, script: str, paths, factor) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        proc = subprocess.run(
+            [
+                python,
+                "-c",
+                script,
+                json.dumps(paths),
+                str(factor),
+                out,
+                str(CENTER[0]),
+                str(CENTER[1]),
+                str(WIDTH),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    """Run both pipelines and print the comparison."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "d3_bench_fullframe"))
+    ap.add_argument("--spxquery-python", default="/work/venv-spxq/bin/python")
+    ap.add_argument("--n", type=int, default=8)
+    args = ap.parse_args()
+    paths = _field(Path(args.cache), args.n)
+    n = len(paths)
+    print(f"{n} exposures of 2040x2040 (D3) -> {WIDTH:g}x{WIDTH:g} arcmin grid")
+    header = (
+        f"{'spectral grid':<16}{'pipeline':<12}{'s/exposure':>12}{'peak MB':>10}"
+        f"{'speed-up':>10}{'memory ratio':>14}"
+    )
+    print(header)
+    for factor, label in ((1.0, "native"), (2.0, "2x oversampled")):
+        ours = _run(sys.executable, OURS, paths, factor)
+        try:
+            spx = _run(args.spxquery_python, SPXQ, paths, factor)
+        except (RuntimeError, FileNotFoundError) as err:
+            spx = None
+            print(f"spxquery failed: {err}")
+        print(f"{label:<16}{'drizzle3d':<12}{ours['seconds'] / n:>12.3f}{ours['peak_mb']:>10.0f}")
+        if spx is not None:
+            speed = spx["seconds"] / ours["seconds"]
+            mem = ours["peak_mb"] / spx["peak_mb"]
+            print(
+                f"{'':<16}{'spxquery':<12}{spx['seconds'] / n:>12.3f}{spx['peak_mb']:>10.0f}"
+                f"{speed:>9.1f}x{mem:>14.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
