@@ -9,6 +9,7 @@ result is exposed as labelled :mod:`xarray` cubes.
 from importlib.metadata import PackageNotFoundError, version
 
 from drizzle3d.archive import ArchiveError, FetchResult, fetch, query_spherex
+from drizzle3d.blot import Exposure, blot_cube, find_outliers
 from drizzle3d.grid import OutputGrid, SpatialGrid, SpectralGrid
 from drizzle3d.pixmap import BBox, calc_pixmap, estimate_pixel_scale_ratio, footprint_bbox
 from drizzle3d.resample import SUPPORTED_KERNELS, Drizzle3D, decode_context
@@ -43,6 +44,7 @@ __all__ = [
     "ArchiveError",
     "BBox",
     "Drizzle3D",
+    "Exposure",
     "ExtendedSource",
     "FetchResult",
     "Line",
@@ -55,10 +57,12 @@ __all__ = [
     "SpherexFileError",
     "SpherexImage",
     "__version__",
+    "blot_cube",
     "calc_pixmap",
     "decode_context",
     "estimate_pixel_scale_ratio",
     "fetch",
+    "find_outliers",
     "fit_zodi_scale",
     "flag_bits",
     "footprint_bbox",
