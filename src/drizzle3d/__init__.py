@@ -10,7 +10,10 @@ from importlib.metadata import PackageNotFoundError, version
 
 from drizzle3d.archive import ArchiveError, FetchResult, fetch, query_spherex
 from drizzle3d.blot import Exposure, blot_cube, find_outliers
+from drizzle3d.config import Drizzle3DConfig
 from drizzle3d.grid import OutputGrid, SpatialGrid, SpectralGrid
+from drizzle3d.io import load_cube, save_cube
+from drizzle3d.pipeline import drizzle, drizzle_files, extract_spectrum
 from drizzle3d.pixmap import BBox, calc_pixmap, estimate_pixel_scale_ratio, footprint_bbox
 from drizzle3d.resample import SUPPORTED_KERNELS, Drizzle3D, decode_context
 from drizzle3d.simulate import (
@@ -44,6 +47,7 @@ __all__ = [
     "ArchiveError",
     "BBox",
     "Drizzle3D",
+    "Drizzle3DConfig",
     "Exposure",
     "ExtendedSource",
     "FetchResult",
@@ -60,15 +64,20 @@ __all__ = [
     "blot_cube",
     "calc_pixmap",
     "decode_context",
+    "drizzle",
+    "drizzle_files",
     "estimate_pixel_scale_ratio",
+    "extract_spectrum",
     "fetch",
     "find_outliers",
     "fit_zodi_scale",
     "flag_bits",
     "footprint_bbox",
+    "load_cube",
     "make_cutout",
     "query_spherex",
     "read_spherex",
+    "save_cube",
     "simulate_field",
     "spectral_wavemap",
     "write_exposure",
