@@ -42,7 +42,7 @@ F_W2V = 2  # sum of (w a f)**2 * var
 F_N = 3  # number of contributing input pixels (exact in float64)
 F_WL = 4  # sum of w a f * effective wavelength of the overlap
 F_WL2 = 5  # sum of w a f * second moment of the overlap's wavelength
-F_AND = 6  # bitwise AND of flags (int64 view; -1 where nothing landed)
+F_NAND = 6  # complement of the bitwise AND of flags (int64 view; 0 where nothing landed)
 F_OR = 7  # bitwise OR of flags (int64 view)
 N_FIELDS = 8
 
@@ -241,7 +241,7 @@ def _deposit(jj, ii, a, afrac, w, d, v, flag, spec, nspec, min_overlap, track_wa
         f = spec[n, 1]
         if min_overlap > 0.0 and afrac * f < min_overlap:
             continue
-        macc[jj, ii, k, F_AND] &= flag
+        macc[jj, ii, k, F_NAND] |= ~flag  # AND kept as its complement: zeros = untouched
         macc[jj, ii, k, F_OR] |= flag
         wa = wa0 * f
         if wa != 0.0:

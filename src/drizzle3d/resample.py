@@ -63,7 +63,7 @@ _FIELDS = {
     "count": _kernels.F_N,
     "sum_wl": _kernels.F_WL,
     "sum_wl2": _kernels.F_WL2,
-    "and_mask": _kernels.F_AND,
+    "and_mask": _kernels.F_NAND,
     "or_mask": _kernels.F_OR,
 }
 _WAVE_FIELDS = ("sum_wl", "sum_wl2")
@@ -415,18 +415,20 @@ class Drizzle3D:
     # ------------------------------------------------------------------ state
     def _new_accumulators(self):
         nz, ny, nx = self._shape
-        acc = np.zeros((ny, nx, nz, _kernels.N_FIELDS), dtype=np.float64)
-        macc = acc.view(np.int64)
-        macc[..., _kernels.F_AND] = -1
-        return acc
+        # all zeros, so the pages are only committed where images land: the AND mask
+        # is stored as its complement (0 = nothing landed yet)
+        return np.zeros((ny, nx, nz, _kernels.N_FIELDS), dtype=np.float64)
 
     @property
     def _macc(self):
         return self._acc.view(np.int64)
 
     def _field(self, name):
-        """One accumulator as a (ny, nx, nz) view (int64 for the masks)."""
-        arr = self._macc if name in ("and_mask", "or_mask") else self._acc
+        """One accumulator as (ny, nx, nz): a view, or for ``and_mask`` a new array
+        (-1 where nothing landed)."""
+        if name == "and_mask":
+            return ~self._macc[..., _kernels.F_NAND]
+        arr = self._macc if name == "or_mask" else self._acc
         return arr[..., _FIELDS[name]]
 
     def _state_names(self):
@@ -506,7 +508,8 @@ class Drizzle3D:
         macc = acc.view(np.int64)
         for name, arr in arrays.items():
             target = macc if name in ("and_mask", "or_mask") else acc
-            target[..., _FIELDS[name]] = np.moveaxis(arr, 0, 2)
+            value = np.moveaxis(arr, 0, 2)
+            target[..., _FIELDS[name]] = ~value if name == "and_mask" else value
         self._acc = acc
         self._ctx = (
             ctx.astype(np.int32, copy=True)
@@ -885,7 +888,7 @@ pixel_scale_ratio
         for k in _SUM_FIELDS:
             self._acc[..., k] += other._acc[..., k]
         mine, theirs = self._macc, other._macc
-        mine[..., _kernels.F_AND] &= theirs[..., _kernels.F_AND]
+        mine[..., _kernels.F_NAND] |= theirs[..., _kernels.F_NAND]
         mine[..., _kernels.F_OR] |= theirs[..., _kernels.F_OR]
         if use_ctx and other._ctx.shape[0]:
             self._ensure_ctx_planes((other._ctx.shape[0] - 1) * CTX_PLANE_BITS)
