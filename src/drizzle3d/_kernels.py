@@ -175,17 +175,20 @@ def _interp_pixmap(pixmap, px, py):
 
 
 @_jit_inline
-def _first_bin(edges, lo):
-    """Index of the first bin whose upper edge lies above ``lo`` (binary search)."""
-    a = 0
-    b = edges.size - 1
-    while b - a > 1:
-        m = (a + b) >> 1
-        if edges[m] <= lo:
-            a = m
-        else:
-            b = m
-    return a
+def _bin_from(edges, lo, hint):
+    """Index of the first bin whose upper edge lies above ``lo``, walking from ``hint``.
+
+    Neighbouring input pixels have nearly the same wavelength, so starting from
+    the previous pixel's bin takes a step or two, where a binary search over
+    the edges costs several unpredictable branches.
+    """
+    nz = edges.size - 1
+    k = min(max(hint, 0), nz - 1)
+    while k > 0 and edges[k] > lo:
+        k -= 1
+    while k < nz - 1 and edges[k + 1] <= lo:
+        k += 1
+    return k
 
 
 @_jit_inline
@@ -205,7 +208,8 @@ def _spectral_overlaps(edges, lo, hi, band_centroid, spec):
     mid = 0.5 * (lo + hi)
     band_m2 = mid * mid + width * width / 12.0
     n = 0
-    for k in range(_first_bin(edges, lo), nz):
+    # spec[0, 0] still holds the previous pixel's first bin: a good starting guess
+    for k in range(_bin_from(edges, lo, int(spec[0, 0])), nz):
         el = edges[k]
         if el >= hi or n >= spec.shape[0]:
             break
@@ -433,6 +437,7 @@ def drizzle_square(
                     if jaco <= 0.0 or i1 < i0 or j1 < j0:
                         nmiss += 1
                         continue
+                    inv_jaco = 1.0 / jaco
                     nspec = _spectral_overlaps(edges, lo, hi, band_centroid, spec)
                     w = weight[j, i]
                     d = data[j, i]
@@ -457,7 +462,7 @@ def drizzle_square(
                                     jj,
                                     ii,
                                     a,
-                                    a / jaco,
+                                    a * inv_jaco,
                                     w,
                                     d,
                                     v,
@@ -486,7 +491,7 @@ def drizzle_square(
                                     jj,
                                     ii,
                                     a,
-                                    a / jaco,
+                                    a * inv_jaco,
                                     w,
                                     d,
                                     v,
@@ -743,7 +748,7 @@ def drizzle_image(
         cube = np.zeros((1, 1, 1))
     if gout is None:
         gout = np.zeros((1, 1))
-    spec = np.empty((edges.size - 1, 4))
+    spec = np.zeros((edges.size - 1, 4))
     row_hit = np.zeros(data.shape[0], dtype=np.bool_)
     if kernel_id == 0:
         return drizzle_square(
