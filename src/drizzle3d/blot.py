@@ -22,6 +22,8 @@ import numba
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from drizzle3d._validate import as_map, exclude_mask
+
 __all__ = ["INTERPOLATIONS", "Exposure", "blot_cube", "find_outliers"]
 
 logger = logging.getLogger(__name__)
@@ -32,7 +34,6 @@ INTERPOLATIONS = ("nearest", "linear", "cubic")
 SPECTRAL_MODELS = ("linear", "constant")
 _INTERP_IDS = {"nearest": 0, "linear": 1, "cubic": 2}
 _SPECTRAL_IDS = {"constant": 0, "linear": 1}
-_FLAG_BITS = 0xFFFFFFFF
 
 
 def _jit(func):
@@ -465,15 +466,6 @@ def _blot_arrays(
     return out
 
 
-def _as_map(name, arr):
-    a = np.asarray(arr)
-    if a.dtype.kind not in "fiu":
-        raise TypeError(f"'{name}' must be a real numeric array; got dtype {a.dtype}.")
-    if a.ndim != 3 or a.shape[2] != 2:
-        raise ValueError(f"'{name}' must have shape (ny, nx, 2); got {a.shape}.")
-    return np.ascontiguousarray(a, dtype=np.float64)
-
-
 def blot_cube(
     cube,
     pixmap: ArrayLike,
@@ -575,8 +567,8 @@ def blot_cube(
         raise TypeError(f"'min_coverage' must be a real number; got {min_coverage!r}.")
     if not 0.0 < float(min_coverage) <= 1.0:
         raise ValueError(f"'min_coverage' must be in (0, 1]; got {min_coverage!r}.")
-    pixmap = _as_map("pixmap", pixmap)
-    wavemap = _as_map("wavemap", wavemap)
+    pixmap = as_map("pixmap", pixmap)
+    wavemap = as_map("wavemap", wavemap)
     if wavemap.shape != pixmap.shape:
         raise ValueError(
             f"'wavemap' must have the shape of 'pixmap' {pixmap.shape}; got {wavemap.shape}."
@@ -600,16 +592,6 @@ def blot_cube(
 # --------------------------------------------------------------------------------------------
 # Outlier rejection
 # --------------------------------------------------------------------------------------------
-def _exclude_mask(exclude_flags) -> int:
-    """An int bitmask from an int or a sequence of bit numbers (as Drizzle3D reads it)."""
-    if isinstance(exclude_flags, numbers.Integral) and not isinstance(exclude_flags, bool):
-        return int(exclude_flags) & _FLAG_BITS
-    mask = 0
-    for b in exclude_flags:
-        mask |= 1 << int(b)
-    return mask
-
-
 def _pair(name, value) -> tuple[float, float]:
     try:
         a, b = (float(v) for v in value)
@@ -1002,7 +984,7 @@ def find_outliers(
     bad = sorted(reserved & set(drizzle_kwargs))
     if bad:
         raise TypeError(f"'drizzle_kwargs' must not set {bad}; find_outliers sets them.")
-    exclude = _exclude_mask(drizzle_kwargs.get("exclude_flags", 0))
+    exclude = exclude_mask(drizzle_kwargs.get("exclude_flags", 0))
     wrap = progress if progress is not None else (lambda it: it)
 
     if first_pass_edges is None:

@@ -6,7 +6,6 @@ This module knows arrays and grids; it never reads files or talks to archives.
 from __future__ import annotations
 
 import logging
-import math
 import numbers
 import warnings
 from collections.abc import Mapping
@@ -16,6 +15,15 @@ import numpy as np
 import xarray as xr
 
 from drizzle3d import _kernels
+from drizzle3d._validate import (
+    FLAG_BITS,
+    as_image,
+    as_map,
+    box,
+    check_fraction,
+    check_real,
+    exclude_mask,
+)
 
 __all__ = [
     "CTX_PLANE_BITS",
@@ -54,7 +62,6 @@ class _Prepared(NamedTuple):
     box_shape: tuple
 
 
-_FLAG_BITS = 0xFFFFFFFF
 # accumulator names in ``state`` -> field of the interleaved accumulator block
 _FIELDS = {
     "sum_wf": _kernels.F_WF,
@@ -85,96 +92,6 @@ _SETTINGS = (
     "exclude_flags",
     "effective_wavelength",
 )
-
-
-def _check_fraction(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"'{name}' must be a real number in (0, 1]; got {type(value).__name__}.")
-    value = float(value)
-    if not (0.0 < value <= 1.0):
-        raise ValueError(f"'{name}' must be in (0, 1]; got {value!r}.")
-    return value
-
-
-def _check_real(name, value, *, low=None, low_inclusive=True, allow_inf=False):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"'{name}' must be a real number; got {type(value).__name__}.")
-    value = float(value)
-    if math.isnan(value) or (math.isinf(value) and not allow_inf):
-        raise ValueError(f"'{name}' must be finite; got {value!r}.")
-    if low is not None:
-        bad = value < low if low_inclusive else value <= low
-        if bad:
-            op = ">=" if low_inclusive else ">"
-            raise ValueError(f"'{name}' must be {op} {low}; got {value!r}.")
-    return value
-
-
-def _exclude_mask(exclude_flags) -> int:
-    """Turn an int bitmask or an iterable of bit numbers into an int mask."""
-    if isinstance(exclude_flags, bool):
-        raise TypeError(
-            "'exclude_flags' must be an int bitmask or a list of bit numbers; got bool."
-        )
-    if isinstance(exclude_flags, numbers.Integral):
-        mask = int(exclude_flags)
-        if mask < 0 or mask > _FLAG_BITS:
-            raise ValueError(
-                f"'exclude_flags' must be a bitmask in [0, 2**32); got {exclude_flags!r}."
-            )
-        return mask
-    try:
-        bits = list(exclude_flags)
-    except TypeError:
-        raise TypeError(
-            "'exclude_flags' must be an int bitmask or a list of bit numbers; "
-            f"got {type(exclude_flags).__name__}."
-        ) from None
-    mask = 0
-    for b in bits:
-        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or not 0 <= int(b) < 32:
-            raise ValueError(f"'exclude_flags' bit numbers must be integers in 0..31; got {b!r}.")
-        mask |= 1 << int(b)
-    return mask
-
-
-def _as_image(name, arr, shape=None, *, integer=False):
-    """Check a 2-D numeric image (without copying) and return it as an ndarray."""
-    if arr is None:
-        raise TypeError(f"'{name}' must be a 2-D array; got None.")
-    a = np.asarray(arr)
-    if integer:
-        if a.dtype.kind not in "iu":
-            raise TypeError(f"'{name}' must be an integer array; got dtype {a.dtype}.")
-    elif a.dtype.kind not in "fiu":
-        raise TypeError(f"'{name}' must be a real numeric array; got dtype {a.dtype}.")
-    if a.ndim != 2:
-        raise ValueError(f"'{name}' must be 2-D (ny, nx); got shape {a.shape}.")
-    if shape is not None and a.shape != shape:
-        raise ValueError(f"'{name}' must have the shape of 'data' {shape}; got {a.shape}.")
-    if a.size == 0:
-        raise ValueError(f"'{name}' must not be empty; got shape {a.shape}.")
-    return a
-
-
-def _as_map(name, arr):
-    a = np.asarray(arr)
-    if a.dtype.kind not in "fiu":
-        raise TypeError(f"'{name}' must be a real numeric array; got dtype {a.dtype}.")
-    if a.ndim != 3 or a.shape[2] != 2:
-        raise ValueError(f"'{name}' must have shape (ny, nx, 2); got {a.shape}.")
-    return a
-
-
-def _box(name, value, n):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"'{name}' must be an integer pixel index; got {value!r}.")
-    value = int(value)
-    if not 0 <= value < n:
-        raise ValueError(f"'{name}' must be in [0, {n - 1}]; got {value}.")
-    return value
 
 
 class Drizzle3D:
@@ -360,16 +277,16 @@ class Drizzle3D:
         self._shape = shape
         self._edges = edges
         self._kernel = kernel
-        self._pixfrac = _check_fraction("pixfrac", pixfrac)
-        self._wave_pixfrac = _check_fraction("wave_pixfrac", wave_pixfrac)
+        self._pixfrac = check_fraction("pixfrac", pixfrac)
+        self._wave_pixfrac = check_fraction("wave_pixfrac", wave_pixfrac)
         self._weighting = weighting.lower()
-        self._ivar_max = _check_real(
+        self._ivar_max = check_real(
             "ivar_max", ivar_max, low=0.0, low_inclusive=False, allow_inf=True
         )
-        self._min_overlap = _check_real("min_overlap", min_overlap, low=0.0)
+        self._min_overlap = check_real("min_overlap", min_overlap, low=0.0)
         if self._min_overlap >= 1.0:
             raise ValueError(f"'min_overlap' must be in [0, 1); got {self._min_overlap!r}.")
-        self._exclude = _exclude_mask(exclude_flags)
+        self._exclude = exclude_mask(exclude_flags)
         if isinstance(fillval, bool) or not isinstance(fillval, numbers.Real):
             raise TypeError(f"'fillval' must be a real number (NaN allowed); got {fillval!r}.")
         self._fillval = float(fillval)
@@ -653,24 +570,24 @@ class Drizzle3D:
         xmin, xmax, ymin, ymax, pixel_scale_ratio,
     ):  # fmt: skip
         """Validate one image's arguments and compute its pixel weights (no state change)."""
-        data = _as_image("data", data)
+        data = as_image("data", data)
         shape = data.shape
-        var = _as_image("var", var, shape)
+        var = as_image("var", var, shape)
         if flags is not None:
-            flags = _as_image("flags", flags, shape, integer=True)
-            if flags.dtype.itemsize > 4 and (flags.min() < 0 or flags.max() > _FLAG_BITS):
+            flags = as_image("flags", flags, shape, integer=True)
+            if flags.dtype.itemsize > 4 and (flags.min() < 0 or flags.max() > FLAG_BITS):
                 raise ValueError("'flags' must hold 32-bit flag values; got values beyond 32 bits.")
         if weight_map is not None:
-            weight_map = _as_image("weight_map", weight_map, shape)
+            weight_map = as_image("weight_map", weight_map, shape)
             if not np.all(np.isfinite(weight_map)) or np.any(weight_map < 0):
                 raise ValueError("'weight_map' must be finite and >= 0 everywhere.")
-        wht_scale = _check_real("wht_scale", wht_scale, low=0.0)
-        exptime = _check_real("exptime", exptime, low=0.0, low_inclusive=False)
+        wht_scale = check_real("wht_scale", wht_scale, low=0.0)
+        exptime = check_real("exptime", exptime, low=0.0, low_inclusive=False)
         ny, nx = shape
-        x0 = _box("xmin", xmin, nx)
-        x1 = _box("xmax", xmax, nx)
-        y0 = _box("ymin", ymin, ny)
-        y1 = _box("ymax", ymax, ny)
+        x0 = box("xmin", xmin, nx)
+        x1 = box("xmax", xmax, nx)
+        y0 = box("ymin", ymin, ny)
+        y1 = box("ymax", ymax, ny)
         x0 = 0 if x0 is None else x0
         y0 = 0 if y0 is None else y0
         x1 = nx - 1 if x1 is None else x1
@@ -681,8 +598,8 @@ class Drizzle3D:
                 f"got x {x0}..{x1}, y {y0}..{y1}."
             )
         box_shape = (y1 - y0 + 1, x1 - x0 + 1)
-        pixmap = _as_map("pixmap", pixmap)
-        wavemap = _as_map("wavemap", wavemap)
+        pixmap = as_map("pixmap", pixmap)
+        wavemap = as_map("wavemap", wavemap)
         if pixmap.shape[:2] == shape:
             pixmap = pixmap[y0 : y1 + 1, x0 : x1 + 1]
         elif pixmap.shape[:2] != box_shape:
@@ -714,7 +631,7 @@ class Drizzle3D:
                     "'wavemap' wavelengths (wavemap[..., 0]) must be > 0 where finite."
                 )
         if pixel_scale_ratio is not None:
-            pscale = _check_real(
+            pscale = check_real(
                 "pixel_scale_ratio", pixel_scale_ratio, low=0.0, low_inclusive=False
             )
         elif self._kernel in ("square",):
@@ -729,7 +646,7 @@ class Drizzle3D:
         if flags is None:
             f = np.zeros(box_shape, dtype=np.int64)
         else:
-            f = np.ascontiguousarray(flags[sl]).astype(np.int64) & _FLAG_BITS
+            f = np.ascontiguousarray(flags[sl]).astype(np.int64) & FLAG_BITS
         w = self._weights(d, v, f, None if weight_map is None else weight_map[sl], exptime)
         w *= wht_scale
         return _Prepared(d, v, w, f, pixmap, wavemap, pscale, exptime, box_shape)
@@ -786,7 +703,7 @@ pixel_scale_ratio
             raise ValueError(
                 "'cube' must be finite everywhere (use 0 where a voxel must not count)."
             )
-        var_arr = _as_image("var", var)
+        var_arr = as_image("var", var)
         p = self._prepare(
             var_arr, var_arr, flags, pixmap, wavemap, weight_map, wht_scale, exptime,
             xmin, xmax, ymin, ymax, pixel_scale_ratio,
