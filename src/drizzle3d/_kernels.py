@@ -576,119 +576,45 @@ def drizzle_centred(
                     flag = flags[j, i]
                     landed = False
                     gsum = 0.0
-                    if kernel_id == 2:  # point
-                        ii = _nint(xc)
-                        jj = _nint(yc)
-                        if ii >= 0 and ii < onx and jj >= 0 and jj < ony:
-                            landed = True
-                            gsum += _contribute(
-                                jj,
-                                ii,
-                                drop_area,
-                                1.0,
-                                w,
-                                d,
-                                v,
-                                flag,
-                                spec,
-                                nspec,
-                                min_overlap,
-                                track_wave,
-                                acc,
-                                macc,
-                                ctx,
-                                ctx_plane,
-                                ctx_bit,
-                                use_ctx,
-                                gather,
-                                cube,
-                            )
-                    elif kernel_id == 6:  # bilinear weights on the four nearest output centres
-                        fx = math.floor(xc)
-                        fy = math.floor(yc)
-                        tx = xc - fx
-                        ty = yc - fy
-                        for q in range(4):
-                            ii = int(fx) + (q & 1)
-                            jj = int(fy) + (q >> 1)
-                            if ii < 0 or ii >= onx or jj < 0 or jj >= ony:
-                                continue
-                            bx = tx if (q & 1) else 1.0 - tx
-                            by = ty if (q >> 1) else 1.0 - ty
-                            frac = bx * by
-                            if frac <= 0.0:
-                                continue
-                            landed = True
-                            gsum += _contribute(
-                                jj,
-                                ii,
-                                drop_area * frac,
-                                frac,
-                                w,
-                                d,
-                                v,
-                                flag,
-                                spec,
-                                nspec,
-                                min_overlap,
-                                track_wave,
-                                acc,
-                                macc,
-                                ctx,
-                                ctx_plane,
-                                ctx_bit,
-                                use_ctx,
-                                gather,
-                                cube,
-                            )
+                    if kernel_id == 2:  # point: the nearest output pixel
+                        i0 = i1 = _nint(xc)
+                        j0 = j1 = _nint(yc)
+                    elif kernel_id == 6:  # bilinear: the four nearest output centres
+                        i0 = math.floor(xc)
+                        j0 = math.floor(yc)
+                        i1 = i0 + 1
+                        j1 = j0 + 1
                     else:  # turbo, gaussian, lanczos
-                        i0 = max(_nint(xc - half), 0)
-                        i1 = min(_nint(xc + half), onx - 1)
-                        j0 = max(_nint(yc - half), 0)
-                        j1 = min(_nint(yc + half), ony - 1)
-                        for jj in range(j0, j1 + 1):
-                            for ii in range(i0, i1 + 1):
-                                if kernel_id == 1:
-                                    ox = min(xc + half, ii + 0.5) - max(xc - half, ii - 0.5)
-                                    oy = min(yc + half, jj + 0.5) - max(yc - half, jj - 0.5)
-                                    if ox <= 0.0 or oy <= 0.0:
-                                        continue
-                                    frac = ox * oy / drop_area
-                                elif kernel_id == 3:
-                                    ddx = xc - ii
-                                    ddy = yc - jj
-                                    frac = es * math.exp(-(ddx * ddx + ddy * ddy) * efac)
-                                else:
-                                    ix = _nint(abs(xc - ii) * sdp)
-                                    iy = _nint(abs(yc - jj) * sdp)
-                                    if ix >= nlut or iy >= nlut:
-                                        continue
-                                    frac = lut[ix] * lut[iy]
-                                if frac == 0.0:
-                                    continue
-                                landed = True
-                                gsum += _contribute(
-                                    jj,
-                                    ii,
-                                    drop_area * frac,
-                                    frac,
-                                    w,
-                                    d,
-                                    v,
-                                    flag,
-                                    spec,
-                                    nspec,
-                                    min_overlap,
-                                    track_wave,
-                                    acc,
-                                    macc,
-                                    ctx,
-                                    ctx_plane,
-                                    ctx_bit,
-                                    use_ctx,
-                                    gather,
-                                    cube,
-                                )
+                        i0 = _nint(xc - half)
+                        i1 = _nint(xc + half)
+                        j0 = _nint(yc - half)
+                        j1 = _nint(yc + half)
+                    for jj in range(max(j0, 0), min(j1, ony - 1) + 1):
+                        for ii in range(max(i0, 0), min(i1, onx - 1) + 1):
+                            if kernel_id == 2:
+                                frac = 1.0
+                            elif kernel_id == 6:
+                                frac = (1.0 - abs(xc - ii)) * (1.0 - abs(yc - jj))
+                            elif kernel_id == 1:
+                                ox = min(xc + half, ii + 0.5) - max(xc - half, ii - 0.5)
+                                oy = min(yc + half, jj + 0.5) - max(yc - half, jj - 0.5)
+                                frac = ox * oy / drop_area if (ox > 0.0 and oy > 0.0) else 0.0
+                            elif kernel_id == 3:
+                                ddx = xc - ii
+                                ddy = yc - jj
+                                frac = es * math.exp(-(ddx * ddx + ddy * ddy) * efac)
+                            else:
+                                ix = _nint(abs(xc - ii) * sdp)
+                                iy = _nint(abs(yc - jj) * sdp)
+                                frac = lut[ix] * lut[iy] if (ix < nlut and iy < nlut) else 0.0
+                            if frac == 0.0:
+                                continue
+                            landed = True
+                            gsum += _contribute(
+                                jj, ii, drop_area * frac, frac, w, d, v, flag, spec, nspec,
+                                min_overlap, track_wave, acc, macc, ctx, ctx_plane, ctx_bit,
+                                use_ctx, gather, cube,
+                            )  # fmt: skip
                     if gather:
                         gout[j, i] = gsum
                     if landed:

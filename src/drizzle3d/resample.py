@@ -534,8 +534,17 @@ class Drizzle3D:
         else:
             plane, bit = 0, np.int32(0)
             ctx = np.zeros((1, 1, 1), dtype=np.int32)
-        lut = _lanczos_lut(self._kernel)
-        nmiss, nskip = _kernels.drizzle_image(
+        nmiss, nskip = self._run_kernel(p, self._acc, ctx, plane, bit, use_ctx)
+        self._ctx_ids.append(ctx_id)
+        self._ctx_id = max(self._ctx_id, ctx_id + 1)
+        self._n_images += 1
+        self._total_exptime += p.exptime
+        logger.debug("add_image: nmiss=%d nskip=%d (box %s)", nmiss, nskip, p.data.shape)
+        return int(nmiss), int(nskip)
+
+    def _run_kernel(self, p, acc, ctx, plane, bit, use_ctx, *, gather=False, cube=None, gout=None):
+        """One compiled pass over a prepared image: deposit into ``acc``, or gather."""
+        return _kernels.drizzle_image(
             _kernels.KERNEL_IDS[self._kernel],
             p.data,
             p.var,
@@ -548,22 +557,19 @@ class Drizzle3D:
             self._wave_pixfrac,
             p.pscale,
             self._min_overlap,
-            self._track_wave,
+            self._track_wave and not gather,
             self._band_centroid,
-            lut,
-            self._acc,
-            self._macc,
+            _lanczos_lut(self._kernel),
+            acc,
+            acc.view(np.int64),
             ctx,
             plane,
             bit,
             use_ctx,
+            gather,
+            cube,
+            gout,
         )
-        self._ctx_ids.append(ctx_id)
-        self._ctx_id = max(self._ctx_id, ctx_id + 1)
-        self._n_images += 1
-        self._total_exptime += p.exptime
-        logger.debug("add_image: nmiss=%d nskip=%d (box %s)", nmiss, nskip, p.data.shape)
-        return int(nmiss), int(nskip)
 
     def _prepare(
         self, data, var, flags, pixmap, wavemap, weight_map, wht_scale, exptime,
@@ -710,31 +716,9 @@ pixel_scale_ratio
         )  # fmt: skip
         cube_yxz = np.ascontiguousarray(np.moveaxis(c, 0, 2), dtype=np.float64)
         box = np.zeros(p.data.shape, dtype=np.float64)
-        _kernels.drizzle_image(
-            _kernels.KERNEL_IDS[self._kernel],
-            p.data,
-            p.var,
-            p.weight,
-            p.flags,
-            p.pixmap,
-            p.wavemap,
-            self._edges,
-            self._pixfrac,
-            self._wave_pixfrac,
-            p.pscale,
-            self._min_overlap,
-            False,
-            self._band_centroid,
-            _lanczos_lut(self._kernel),
-            _DUMMY_ACC,
-            _DUMMY_ACC.view(np.int64),
-            np.zeros((1, 1, 1), dtype=np.int32),
-            0,
-            np.int32(0),
-            False,
-            True,
-            cube_yxz,
-            box,
+        no_ctx = np.zeros((1, 1, 1), dtype=np.int32)
+        self._run_kernel(
+            p, _DUMMY_ACC, no_ctx, 0, np.int32(0), False, gather=True, cube=cube_yxz, gout=box
         )
         out = np.zeros(var_arr.shape, dtype=np.float64)
         y0 = 0 if ymin is None else int(ymin)
