@@ -670,3 +670,19 @@ def test_box_pixmap_equals_full_pixmap(rng):
     c = Drizzle3D(out_shape=(2, 40, 40), wave_edges=[1.6, 2.0, 2.5])
     c.add_image(data[box], var[box], None, pixmap[box], wavemap[box])
     np.testing.assert_array_equal(a.state["sum_wf"], c.state["sum_wf"])
+
+
+def test_large_drops_conserve_weight(rng):
+    """Output pixels 20x finer than the input: drops larger than the kernel's scratch box."""
+    shape = (4, 5)
+    scale = 20.0
+    pixmap = affine_pixmap(shape, angle=25.0, scale=scale, shift=(70.0, 20.0))
+    weights = rng.uniform(0.5, 2.0, shape)
+    d = Drizzle3D(out_shape=(1, 200, 200), wave_edges=[1.0, 3.0], weighting="uniform")
+    nmiss, _ = d.add_image(
+        np.full(shape, 2.5), np.ones(shape), None, pixmap, lvf_wavemap(shape), weight_map=weights
+    )
+    assert nmiss == 0
+    assert d.out_wht.values.sum() == pytest.approx(weights.sum() * scale**2, rel=1e-9)
+    has = d.out_wht.values > 0
+    np.testing.assert_allclose(d.out_sci.values[has], 2.5, rtol=1e-12)

@@ -447,68 +447,24 @@ def drizzle_square(
                     nrow = j1 - j0 + 1
                     landed = False
                     gsum = 0.0
-                    if ncol <= smax and nrow <= smax:
+                    small = ncol <= smax and nrow <= smax
+                    if small:
                         _quad_areas(xq, yq, i0, j0, ncol, nrow, scratch)
-                        for r in range(nrow):
-                            for c in range(ncol):
+                    for r in range(nrow):
+                        for c in range(ncol):
+                            if small:
                                 a = abs(scratch[r, c])
                                 scratch[r, c] = 0.0
-                                if a <= 1e-14 * jaco:
-                                    continue
-                                landed = True
-                                jj = j0 + r
-                                ii = i0 + c
-                                gsum += _contribute(
-                                    jj,
-                                    ii,
-                                    a,
-                                    a * inv_jaco,
-                                    w,
-                                    d,
-                                    v,
-                                    flag,
-                                    spec,
-                                    nspec,
-                                    min_overlap,
-                                    track_wave,
-                                    acc,
-                                    macc,
-                                    ctx,
-                                    ctx_plane,
-                                    ctx_bit,
-                                    use_ctx,
-                                    gather,
-                                    cube,
-                                )
-                    else:  # a drop larger than the scratch box: cell by cell
-                        for jj in range(j0, j1 + 1):
-                            for ii in range(i0, i1 + 1):
-                                a = quad_pixel_overlap(xq, yq, ii, jj)
-                                if a <= 1e-14 * jaco:
-                                    continue
-                                landed = True
-                                gsum += _contribute(
-                                    jj,
-                                    ii,
-                                    a,
-                                    a * inv_jaco,
-                                    w,
-                                    d,
-                                    v,
-                                    flag,
-                                    spec,
-                                    nspec,
-                                    min_overlap,
-                                    track_wave,
-                                    acc,
-                                    macc,
-                                    ctx,
-                                    ctx_plane,
-                                    ctx_bit,
-                                    use_ctx,
-                                    gather,
-                                    cube,
-                                )
+                            else:  # a drop larger than the scratch box: cell by cell
+                                a = quad_pixel_overlap(xq, yq, i0 + c, j0 + r)
+                            if a <= 1e-14 * jaco:
+                                continue
+                            landed = True
+                            gsum += _contribute(
+                                j0 + r, i0 + c, a, a * inv_jaco, w, d, v, flag, spec, nspec,
+                                min_overlap, track_wave, acc, macc, ctx, ctx_plane, ctx_bit,
+                                use_ctx, gather, cube,
+                            )  # fmt: skip
                     if gather:
                         gout[j, i] = gsum
                     if landed:
