@@ -1,0 +1,171 @@
+"""The documentation builds with warnings as errors, and every doctest in it passes."""
+
+import doctest
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+PUBLIC_MODULES = [
+    "drizzle3d.archive",
+    "drizzle3d.blot",
+    "drizzle3d.channels",
+    "drizzle3d.cli",
+    "drizzle3d.config",
+    "drizzle3d.grid",
+    "drizzle3d.io",
+    "drizzle3d.pipeline",
+    "drizzle3d.pixmap",
+    "drizzle3d.plotting",
+    "drizzle3d.resample",
+    "drizzle3d.simulate",
+    "drizzle3d.spherex",
+]
+FIGURES = [
+    "spatial_overlap.png",
+    "spectral_overlap.png",
+    "kernels.png",
+    "pixfrac.png",
+    "spectral_grids.png",
+    "effective_wavelength.png",
+    "simulated_field.png",
+]
+
+
+@pytest.fixture(scope="module")
+def built_docs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("html")
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    # every warning goes to stderr; the build test requires it to be empty (sphinx -W semantics),
+    # and building without -W still writes the pages, so the other tests can inspect them
+    cmd = [
+        sys.executable,
+        "-m",
+        "sphinx",
+        "-E",
+        "-q",
+        "-b",
+        "html",
+        "-d",
+        str(out / ".doctrees"),
+        str(DOCS),
+        str(out),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
+    return out, result
+
+
+# Defects in docstrings of modules this test's author does not own, reported to their owners.
+# The build test xfails only while the defect is the *only* thing on stderr.
+_IO_TABLE = "drizzle3d/io.py:docstring of drizzle3d.io:20: ERROR: Malformed table."
+KNOWN_DEFECTS = {
+    _IO_TABLE: "io.py module docstring: the FITS-layout table's first column is narrower "
+    "than ``AND_MASK``/``OR_MASK`` (widen it by 2 characters)",
+}
+
+
+def test_docs_build_without_warnings(built_docs):
+    _out, result = built_docs
+    assert result.returncode == 0, f"sphinx-build failed:\n{result.stderr}"
+    expected = ""
+    actual = result.stderr.strip()
+    problems = [ln for ln in actual.splitlines() if "WARNING:" in ln or "ERROR:" in ln]
+    known = [why for key, why in KNOWN_DEFECTS.items() if any(key in ln for ln in problems)]
+    if problems and len(known) == len(problems):
+        pytest.xfail("known docstring defect(s) outside docs/: " + "; ".join(known))
+    assert actual == expected
+
+
+def test_docs_contain_every_page_and_figure(built_docs):
+    out, _ = built_docs
+    pages = [
+        "index",
+        "getting_started",
+        "user_guide",
+        "drizzle3d_class",
+        "algorithm",
+        "scaling",
+        "archive",
+        "examples",
+        "reference",
+        "changelog",
+    ]
+    for page in pages:
+        assert (out / f"{page}.html").exists(), page
+    for name in FIGURES:
+        png = out / "_images" / name
+        assert png.exists(), name
+        assert png.stat().st_size > 5000, name
+
+
+def test_reference_documents_every_public_name(built_docs):
+    out, _ = built_docs
+    html = (out / "reference.html").read_text()
+    missing = []
+    for name in PUBLIC_MODULES:
+        module = importlib.import_module(name)
+        for public in module.__all__:
+            if f'id="{name}.{public}"' not in html:
+                missing.append(f"{name}.{public}")
+    assert missing == []
+
+
+def test_config_reference_lists_every_key():
+    import dataclasses
+    import typing
+
+    sys.path.insert(0, str(DOCS))
+    try:
+        import gen_config
+    finally:
+        sys.path.remove(str(DOCS))
+    from drizzle3d.config import Drizzle3DConfig
+
+    text = gen_config.render()
+    hints = typing.get_type_hints(Drizzle3DConfig)
+    expected = []
+    for f in dataclasses.fields(Drizzle3DConfig):
+        sub = hints[f.name]
+        if dataclasses.is_dataclass(sub):
+            expected += [f"{f.name}.{g.name}" for g in dataclasses.fields(sub)]
+        else:
+            expected.append(f.name)
+    actual = [key for key in expected if f"* - ``{key}``" in text]
+    assert actual == expected
+
+
+BROKEN_DOCTESTS = {
+    # Drizzle3D class docstring: a band 1.4 +- 0.1 um lies wholly in the bin [1.0, 1.5], so
+    # out_wht is [1.0, 0.0], not the [0.5, 0.5] written there (use wavelength 1.5 for that)
+    "drizzle3d.resample": "Drizzle3D docstring example expects [0.5, 0.5]; the code gives [1, 0]",
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=BROKEN_DOCTESTS[n]))
+        if n in BROKEN_DOCTESTS
+        else n
+        for n in PUBLIC_MODULES
+    ],
+)
+def test_module_doctests(name):
+    module = importlib.import_module(name)
+    flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+    result = doctest.testmod(module, optionflags=flags, report=False)
+    assert result.failed == 0, f"{result.failed} of {result.attempted} doctests failed in {name}"
+
+
+def test_guide_page_doctests():
+    flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+    result = doctest.testfile(
+        str(DOCS / "drizzle3d_class.rst"), module_relative=False, optionflags=flags, report=False
+    )
+    assert result.attempted > 20
+    assert result.failed == 0
