@@ -47,8 +47,12 @@ def _load() -> np.ndarray:
 def channel_table() -> np.ndarray:
     """Return the 102-row channel table as a read-only numpy structured array.
 
-    Fields: ``detector``, ``subchan`` (1..17), ``wavelength``, ``wl_min``,
-    ``wl_max``, ``bandwidth`` (all um), ``r`` (resolving power) and ``r_std``.
+    Returns
+    -------
+    numpy.ndarray
+        Structured array with fields ``detector``, ``subchan`` (1..17),
+        ``wavelength``, ``wl_min``, ``wl_max``, ``bandwidth`` (all um), ``r``
+        (resolving power) and ``r_std``; six detectors of 17 channels each.
 
     Examples
     --------
@@ -73,7 +77,30 @@ def _check_detector(detector) -> int:
 
 
 def detector_channels(detector) -> np.ndarray:
-    """Return the 17 rows of one detector (``1..6`` or ``'D1'..'D6'``), in wavelength order."""
+    """Return the 17 rows of one detector, in wavelength order.
+
+    Parameters
+    ----------
+    detector : int or str
+        Detector number ``1..6`` or name ``'D1'..'D6'``.
+
+    Returns
+    -------
+    numpy.ndarray
+        The detector's 17 rows of :func:`channel_table`, by increasing wavelength.
+
+    Raises
+    ------
+    ValueError
+        If ``detector`` is not one of the six detectors.
+
+    Examples
+    --------
+    >>> from drizzle3d.channels import detector_channels
+    >>> rows = detector_channels("D3")
+    >>> len(rows), bool((rows["wavelength"] > 1.6).all() and (rows["wavelength"] < 2.42).all())
+    (17, True)
+    """
     det = _check_detector(detector)
     t = _load()
     rows = t[t["detector"] == det]
@@ -81,6 +108,30 @@ def detector_channels(detector) -> np.ndarray:
 
 
 def detector_range(detector) -> tuple[float, float]:
-    """Return ``(wl_min, wl_max)`` in um spanned by a detector's 17 channels."""
+    """Return the wavelength range spanned by a detector's 17 channels.
+
+    Parameters
+    ----------
+    detector : int or str
+        Detector number ``1..6`` or name ``'D1'..'D6'``.
+
+    Returns
+    -------
+    tuple of float
+        ``(wl_min, wl_max)`` in um: the lowest channel's lower edge and the
+        highest channel's upper edge.
+
+    Raises
+    ------
+    ValueError
+        If ``detector`` is not one of the six detectors.
+
+    Examples
+    --------
+    >>> from drizzle3d.channels import detector_range
+    >>> lo, hi = detector_range(3)
+    >>> bool(1.6 < lo < 1.65 and 2.4 < hi < 2.45)
+    True
+    """
     rows = detector_channels(detector)
     return float(rows["wl_min"].min()), float(rows["wl_max"].max())
