@@ -139,11 +139,7 @@ def test_config_reference_lists_every_key():
     assert actual == expected
 
 
-BROKEN_DOCTESTS = {
-    # Drizzle3D class docstring: a band 1.4 +- 0.1 um lies wholly in the bin [1.0, 1.5], so
-    # out_wht is [1.0, 0.0], not the [0.5, 0.5] written there (use wavelength 1.5 for that)
-    "drizzle3d.resample": "Drizzle3D docstring example expects [0.5, 0.5]; the code gives [1, 0]",
-}
+BROKEN_DOCTESTS: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(

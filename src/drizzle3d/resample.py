@@ -207,7 +207,7 @@ class Drizzle3D:
     >>> d = Drizzle3D(out_shape=(2, 8, 8), wave_edges=[1.0, 1.5, 2.0])
     >>> y, x = np.indices((4, 4), dtype=float)
     >>> pixmap = np.dstack([x + 2, y + 2])
-    >>> wavemap = np.dstack([np.full((4, 4), 1.4), np.full((4, 4), 0.2)])
+    >>> wavemap = np.dstack([np.full((4, 4), 1.5), np.full((4, 4), 0.2)])  # band 1.4-1.6 um
     >>> d.add_image(np.ones((4, 4)), np.ones((4, 4)), None, pixmap, wavemap)
     (0, 0)
     >>> [round(float(v), 3) for v in d.out_wht[:, 4, 4]]
