@@ -51,7 +51,18 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-__all__ = ["FORMATS", "fits_wcs", "guess_format", "load_cube", "save_cube"]
+__all__ = [
+    "FORMATS",
+    "STATE_VERSION",
+    "fits_wcs",
+    "guess_format",
+    "init_tiled_store",
+    "load_cube",
+    "load_state",
+    "save_cube",
+    "save_state",
+    "write_tile",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -530,3 +541,211 @@ def fits_wcs(path: str | os.PathLike):
 
     with fits.open(path) as hdul:
         return WCS(hdul["SCI"].header)
+
+
+# ---------------------------------------------------------------------------
+# accumulator state (incremental cubes, checkpoints)
+# ---------------------------------------------------------------------------
+
+#: Layout version of the state stores written by :func:`save_state`.
+STATE_VERSION = 1
+_STATE_ATTR = "drizzle3d_state"
+_DRIZZLE_KWARGS = (
+    "kernel",
+    "pixfrac",
+    "wave_pixfrac",
+    "weighting",
+    "ivar_max",
+    "min_overlap",
+    "exclude_flags",
+    "effective_wavelength",
+)
+
+
+def save_state(d, path: str | os.PathLike, *, meta: dict | None = None) -> Path:
+    """Write a cube's raw accumulators, grid and settings to a zarr store, atomically.
+
+    The store holds everything needed to continue the cube later
+    (:func:`load_state`): the float64 accumulators of
+    :attr:`drizzle3d.Drizzle3D.state`, the output grid, the drizzle settings and
+    any run metadata (the pipeline stores its settings and the inputs already
+    included, with their OBSIDs and file hashes).
+
+    Parameters
+    ----------
+    d : Drizzle3D
+        The cube (built on an :class:`~drizzle3d.grid.OutputGrid`).
+    path : str or os.PathLike
+        Store directory (conventionally ``*.state.zarr``). An existing store is
+        replaced only once the new one is complete.
+    meta : dict, optional
+        JSON-serialisable run metadata, returned by :func:`load_state`.
+
+    Returns
+    -------
+    pathlib.Path
+        The store written.
+
+    Raises
+    ------
+    ValueError
+        If ``d`` has no output grid.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> from drizzle3d import Drizzle3D
+    >>> from drizzle3d.grid import OutputGrid, SpatialGrid, SpectralGrid
+    >>> g = OutputGrid(SpatialGrid.from_center(150.0, 2.0, 1.0, 1.0), SpectralGrid.native(3))
+    >>> p = save_state(Drizzle3D(g), os.path.join(tempfile.mkdtemp(), "c.state.zarr"))
+    >>> d, meta = load_state(p)
+    >>> d.out_shape == g.shape
+    True
+    """
+    import zarr
+
+    path = Path(path)
+    if getattr(d, "grid", None) is None:
+        raise ValueError("'d' must be built on an OutputGrid to save its state; got no grid.")
+    st = d.state
+    info = {
+        "version": STATE_VERSION,
+        "grid": _jsonable(d.grid.to_dict()),
+        "settings": _jsonable(st["settings"]),
+        "ctx_id": int(st["ctx_id"]),
+        "n_images": int(st["n_images"]),
+        "total_exptime": float(st["total_exptime"]),
+        "meta": _jsonable(meta or {}),
+    }
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"'path' must be in an existing directory; got {str(path)!r}.")
+    tmp = _tmp_name(path)
+    try:
+        group = zarr.open_group(tmp, mode="w")
+        for name, value in st.items():
+            if isinstance(value, np.ndarray):
+                group.create_array(name, data=value)
+        group.attrs[_STATE_ATTR] = json.dumps(info)
+        _replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+    logger.info("saved accumulator state (%d images) to %s", info["n_images"], path)
+    return path
+
+
+def load_state(path: str | os.PathLike):
+    """Reopen a store written by :func:`save_state`.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The store directory.
+
+    Returns
+    -------
+    d : Drizzle3D
+        The cube, exactly as saved (further images can be added or merged).
+    meta : dict
+        The run metadata passed to :func:`save_state`.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ValueError
+        If ``path`` is not a drizzle3d state store.
+    """
+    import zarr
+
+    from drizzle3d.grid import OutputGrid
+    from drizzle3d.resample import Drizzle3D
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"'path' must be an existing state store; got {str(path)!r}.")
+    try:
+        group = zarr.open_group(path, mode="r")
+        info = json.loads(group.attrs[_STATE_ATTR])
+    except (KeyError, ValueError, OSError, TypeError) as err:
+        raise ValueError(
+            f"'path' must be a drizzle3d state store (save_state); got {str(path)!r} ({err})."
+        ) from err
+    st: dict[str, Any] = {name: np.asarray(arr[...]) for name, arr in group.arrays()}
+    st["settings"] = info["settings"]
+    st["ctx_id"] = info["ctx_id"]
+    st["n_images"] = info["n_images"]
+    st["total_exptime"] = info["total_exptime"]
+    kwargs = {k: info["settings"][k] for k in _DRIZZLE_KWARGS if k in info["settings"]}
+    grid = OutputGrid.from_dict(info["grid"])
+    d = Drizzle3D(grid, track_wave="sum_wl" in st, state=st, **kwargs)
+    return d, info["meta"]
+
+
+# ---------------------------------------------------------------------------
+# tiled cubes (outputs larger than memory)
+# ---------------------------------------------------------------------------
+
+
+def init_tiled_store(
+    path: str | os.PathLike, template: xr.Dataset, tile_shape: tuple[int, int]
+) -> Path:
+    """Create an empty zarr cube store chunked by spatial tile, ready for :func:`write_tile`.
+
+    Only metadata (and the coordinates) are written: data variables are lazy
+    dask arrays of ``template``'s dtypes, so no mosaic-sized array is built.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Store directory (must not exist).
+    template : xarray.Dataset
+        A dataset with the full mosaic's dims, coordinates, dtypes and
+        attributes (its data variables may be lazy).
+    tile_shape : tuple of int
+        ``(ny, nx)`` chunk size along ``y`` and ``x``; whole along the others.
+
+    Returns
+    -------
+    pathlib.Path
+        The store.
+    """
+    path = Path(path)
+    ty, tx = (int(v) for v in tile_shape)
+    out = _clean_for_netcdf(template)
+    for name in out.data_vars:
+        var = out[name]
+        chunks = tuple(
+            ty if dim == "y" else tx if dim == "x" else var.sizes[dim] for dim in var.dims
+        )
+        out[name].encoding = {"chunks": chunks}
+    out.to_zarr(path, mode="w-", compute=False, consolidated=False)
+    return path
+
+
+def write_tile(path: str | os.PathLike, tile: xr.Dataset, y0: int, x0: int) -> None:
+    """Write one tile's data variables into a store made by :func:`init_tiled_store`.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The store.
+    tile : xarray.Dataset
+        The tile's variables (dims as in the store; ``y``/``x`` sized like the tile).
+    y0, x0 : int
+        Position of the tile's first pixel in the mosaic.
+    """
+    keep = [n for n in tile.data_vars if "y" in tile[n].dims]
+    ds = tile[keep].drop_vars(list(tile.coords), errors="ignore")
+    for name in ds.data_vars:
+        ds[name].attrs = {}
+        ds[name].encoding = {}
+    ds.attrs = {}
+    region = {
+        "y": slice(y0, y0 + tile.sizes["y"]),
+        "x": slice(x0, x0 + tile.sizes["x"]),
+    }
+    for dim in ds.dims:
+        if dim not in region:
+            region[dim] = slice(0, ds.sizes[dim])
+    ds.to_zarr(path, region=region, consolidated=False)

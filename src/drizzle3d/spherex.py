@@ -38,6 +38,7 @@ import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -49,6 +50,7 @@ __all__ = [
     "DEFAULT_EXCLUDE_FLAGS",
     "FLAG_TABLE",
     "ZODI_FIT_EXCLUDE_FLAGS",
+    "ImageHeader",
     "SpherexFileError",
     "SpherexImage",
     "SpherexMeta",
@@ -57,6 +59,7 @@ __all__ = [
     "fit_zodi_scale",
     "flag_bits",
     "flag_names",
+    "read_header_wcs",
     "read_spherex",
     "spectral_wavemap",
 ]
@@ -1574,3 +1577,85 @@ def _read_astropy(path, bbox):
         except (OSError, ValueError, TypeError, IndexError) as err:
             raise SpherexFileError(path, f"corrupt or truncated FITS file ({err}).") from err
     return data, var, flags, zmod, wcs, spec, meta, box, table
+
+
+class ImageHeader(NamedTuple):
+    """Header-level facts of a Level-2 file (see :func:`read_header_wcs`)."""
+
+    #: Celestial (TAN-SIP) WCS of the ``IMAGE`` HDU.
+    wcs: WCS
+    #: ``(ny, nx)`` of the image.
+    shape: tuple[int, int]
+    #: ``DETECTOR`` (1..6).
+    detector: int
+    #: ``OBSID`` (None when absent).
+    obsid: str | None
+
+
+def _header_fast(path: str) -> ImageHeader:
+    if path.endswith(".gz"):
+        raise _Fallback("gzip-compressed file")
+    with open(path, "rb") as fh:
+        hdus = _scan(fh)
+    img = next((h for h in hdus if h.name == "IMAGE"), None)
+    if img is None:
+        raise _Fallback("no IMAGE HDU")
+    hdr = img.cards
+    obsid = hdr.get("OBSID")
+    return ImageHeader(
+        wcs=_fast_celestial_wcs(hdr),
+        shape=(int(hdr["NAXIS2"]), int(hdr["NAXIS1"])),
+        detector=int(hdr["DETECTOR"]),
+        obsid=None if obsid is None else str(obsid).strip(),
+    )
+
+
+def read_header_wcs(path) -> ImageHeader:
+    """Read a file's celestial WCS, image shape, detector and OBSID from its header only.
+
+    No pixel data are read: this is the cheap first look the pipeline takes at
+    every input (footprint checks, routing images to output tiles).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A SPHEREx Level-2 file (or IRSA cutout).
+
+    Returns
+    -------
+    ImageHeader
+        ``(wcs, shape, detector, obsid)``; ``wcs`` is the same celestial WCS
+        (SIP included) that :func:`read_spherex` attaches to the full image.
+
+    Raises
+    ------
+    SpherexFileError
+        (a ``ValueError``) naming the file if it is missing, not FITS, or its
+        ``IMAGE`` header lacks the shape, ``DETECTOR`` or a valid WCS.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from drizzle3d.simulate import simulate_field
+    >>> f = simulate_field(tempfile.mkdtemp(), n_exposures=1, shape=(64, 64))
+    >>> h = read_header_wcs(f.paths[0])
+    >>> h.shape, h.detector
+    ((64, 64), 3)
+    """
+    path = _check_file(path)
+    try:
+        return _header_fast(path)
+    except (_Fallback, OSError, ValueError, TypeError, KeyError, IndexError) as why:
+        log.debug("%s: fast header scan declined (%s); reading with astropy", path, why)
+    try:
+        with fits.open(path, memmap=True, lazy_load_hdus=True) as hdul:
+            hdr = hdul["IMAGE"].header
+            obsid = hdr.get("OBSID")
+            return ImageHeader(
+                wcs=_celestial_wcs(hdr),
+                shape=(int(hdr["NAXIS2"]), int(hdr["NAXIS1"])),
+                detector=int(hdr["DETECTOR"]),
+                obsid=None if obsid is None else str(obsid).strip(),
+            )
+    except (OSError, KeyError, ValueError, TypeError, IndexError, MemoryError) as err:
+        raise SpherexFileError(path, f"unreadable IMAGE header ({err}).") from err
