@@ -336,37 +336,82 @@ class SpectralGrid:
 
     @property
     def nz(self) -> int:
-        """Number of wavelength bins."""
+        """Number of wavelength bins.
+
+        Examples
+        --------
+        >>> SpectralGrid([1.0, 2.0, 4.0]).nz
+        2
+        """
         return self.edges.size - 1
 
     @property
     def centers(self) -> np.ndarray:
-        """Bin centres (um), the arithmetic mean of each bin's edges."""
+        """Bin centres (um), the arithmetic mean of each bin's edges.
+
+        Examples
+        --------
+        >>> SpectralGrid([1.0, 2.0, 4.0]).centers.tolist()
+        [1.5, 3.0]
+        """
         return 0.5 * (self.edges[:-1] + self.edges[1:])
 
     @property
     def widths(self) -> np.ndarray:
-        """Bin widths (um)."""
+        """Bin widths (um).
+
+        Examples
+        --------
+        >>> SpectralGrid([1.0, 2.0, 4.0]).widths.tolist()
+        [1.0, 2.0]
+        """
         return np.diff(self.edges)
 
     @property
     def frequencies(self) -> np.ndarray:
-        """Frequency of each bin centre, ``c / centers`` (Hz)."""
+        """Frequency of each bin centre, ``c / centers`` (Hz).
+
+        Examples
+        --------
+        >>> nu = SpectralGrid([1.0, 2.0, 4.0]).frequencies
+        >>> (nu / 1e12).round(3).tolist()  # THz
+        [199.862, 99.931]
+        """
         return _C_UM_HZ / self.centers
 
     @property
     def frequency_edges(self) -> np.ndarray:
-        """Frequency of each edge, ``c / edges`` (Hz; decreasing)."""
+        """Frequency of each edge, ``c / edges`` (Hz; decreasing).
+
+        Examples
+        --------
+        >>> nu = SpectralGrid([1.0, 2.0, 4.0]).frequency_edges
+        >>> (nu / 1e12).round(3).tolist()  # THz
+        [299.792, 149.896, 74.948]
+        """
         return _C_UM_HZ / self.edges
 
     @property
     def frequency_widths(self) -> np.ndarray:
-        """Width of each bin in frequency, ``c / lo - c / hi`` (Hz; positive)."""
+        """Width of each bin in frequency, ``c / lo - c / hi`` (Hz; positive).
+
+        Examples
+        --------
+        >>> dnu = SpectralGrid([1.0, 2.0, 4.0]).frequency_widths
+        >>> (dnu / 1e12).round(3).tolist()  # THz
+        [149.896, 74.948]
+        """
         return -np.diff(self.frequency_edges)
 
     @property
     def resolving_power(self) -> np.ndarray:
-        """Effective resolving power of each bin, ``centers / widths``."""
+        """Effective resolving power of each bin, ``centers / widths``.
+
+        Examples
+        --------
+        >>> SpectralGrid([1.0, 2.0, 4.0]).resolving_power.tolist()
+        [1.5, 1.5]
+        """
         return self.centers / self.widths
 
     # -- round trips ------------------------------------------------------
@@ -959,7 +1004,13 @@ class SpatialGrid:
 
     @property
     def pixel_scale(self) -> float:
-        """sqrt(solid angle) of the central pixel, in arcsec."""
+        """sqrt(solid angle) of the central pixel, in arcsec.
+
+        Examples
+        --------
+        >>> round(SpatialGrid.from_center(150.0, 2.0, 1, 1, pixscale=6.15).pixel_scale, 6)
+        6.15
+        """
         ny, nx = self.shape
         return _local_pixel_scale_arcsec(self.wcs, (nx - 1) / 2.0, (ny - 1) / 2.0)
 
@@ -990,6 +1041,17 @@ class SpatialGrid:
         numpy.ndarray
             ``[[ra, dec], ...]`` for the corners (-0.5, -0.5), (nx-0.5, -0.5),
             (nx-0.5, ny-0.5), (-0.5, ny-0.5).
+
+        Examples
+        --------
+        A north-up 1 x 1 arcmin grid: the first corner is south-east of the centre
+        (east is to the left, at larger RA).
+
+        >>> corners = SpatialGrid.from_center(150.0, 2.0, 1, 1).footprint()
+        >>> corners.shape
+        (4, 2)
+        >>> bool(corners[0, 0] > 150.0 and corners[0, 1] < 2.0)
+        True
         """
         ny, nx = self.shape
         x = np.array([-0.5, nx - 0.5, nx - 0.5, -0.5])
@@ -1006,6 +1068,12 @@ class SpatialGrid:
         -------
         str
             :meth:`to_header` as an 80-character-card string.
+
+        Examples
+        --------
+        >>> text = SpatialGrid.from_center(150.0, 2.0, 1, 1).header_string()
+        >>> len(text) % 80, text[:30]
+        (0, 'WCSAXES =                    2')
         """
         return self.to_header().tostring()
 
@@ -1078,6 +1146,19 @@ class SpatialGrid:
         ------
         ValueError
             If the size is missing or the WCS is not celestial.
+
+        Examples
+        --------
+        The size may come from the grid's own ``GRID_NX``/``GRID_NY`` cards or, for a
+        header read from an image, from ``NAXIS1``/``NAXIS2``:
+
+        >>> from astropy.io import fits
+        >>> g = SpatialGrid.from_center(83.6, 22.0, 2, 1)
+        >>> SpatialGrid.from_header(g.to_header()) == g
+        True
+        >>> hdu = fits.ImageHDU(np.zeros((4, 6), np.float32), header=g.to_header())
+        >>> SpatialGrid.from_header(hdu.header).shape
+        (4, 6)
         """
         from astropy.wcs import WCS
 
@@ -1098,6 +1179,12 @@ class SpatialGrid:
         dict
             ``{"shape": [ny, nx], "wcs": {ctype, cunit, crpix, crval, cdelt, pc,
             lonpole, latpole, radesys, equinox, pv}}``.
+
+        Examples
+        --------
+        >>> d = SpatialGrid.from_center(150.0, 2.0, 1, 1).to_dict()
+        >>> d["shape"], d["wcs"]["ctype"], d["wcs"]["crval"]
+        ([10, 10], ['RA---TAN', 'DEC--TAN'], [150.0, 2.0])
         """
         params = {k: (list(v) if isinstance(v, list) else v) for k, v in self._params.items()}
         params["pc"] = [list(row) for row in self._params["pc"]]
@@ -1199,12 +1286,25 @@ class OutputGrid:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        """``(nz, ny, nx)`` of the cube."""
+        """``(nz, ny, nx)`` of the cube.
+
+        Examples
+        --------
+        >>> OutputGrid(SpatialGrid.from_center(0.0, 0.0, 1, 2), SpectralGrid([1.0, 1.5, 2.0])).shape
+        (2, 20, 10)
+        """
         return (self.spectral.nz, *self.spatial.shape)
 
     @property
     def wave_edges(self) -> np.ndarray:
-        """Wavelength bin edges (um)."""
+        """Wavelength bin edges (um), the same array as ``spectral.edges``.
+
+        Examples
+        --------
+        >>> grid = OutputGrid(SpatialGrid.from_center(0.0, 0.0, 1, 1), SpectralGrid.native(1))
+        >>> grid.wave_edges[[0, -1]].tolist()
+        [0.743, 1.116]
+        """
         return self.spectral.edges
 
     def to_dict(self) -> dict[str, Any]:
@@ -1214,6 +1314,13 @@ class OutputGrid:
         -------
         dict
             Nested dicts from :meth:`SpatialGrid.to_dict` and :meth:`SpectralGrid.to_dict`.
+
+        Examples
+        --------
+        >>> grid = OutputGrid(SpatialGrid.from_center(0.0, 0.0, 1, 1), SpectralGrid([1.0, 2.0]))
+        >>> d = grid.to_dict()
+        >>> list(d), d["spectral"]
+        (['spatial', 'spectral'], {'edges': [1.0, 2.0]})
         """
         return {"spatial": self.spatial.to_dict(), "spectral": self.spectral.to_dict()}
 
@@ -1235,6 +1342,18 @@ class OutputGrid:
         ------
         ValueError
             If an entry is missing or invalid.
+        TypeError
+            If the spatial WCS entry describes a WCS that is not 2-D celestial.
+
+        Examples
+        --------
+        >>> grid = OutputGrid(SpatialGrid.from_center(0.0, 0.0, 1, 1), SpectralGrid.native(4))
+        >>> OutputGrid.from_dict(grid.to_dict()) == grid
+        True
+        >>> OutputGrid.from_dict({"spatial": {}})
+        Traceback (most recent call last):
+        ...
+        ValueError: 'data' must be a dict with 'spatial' and 'spectral' entries; got ...
         """
         if not isinstance(data, dict) or "spatial" not in data or "spectral" not in data:
             raise ValueError(
@@ -1254,6 +1373,23 @@ class OutputGrid:
         -------
         str
             The YAML text.
+
+        Raises
+        ------
+        OSError
+            If ``path`` cannot be written.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> grid = OutputGrid(SpatialGrid.from_center(0.0, 0.0, 1, 1), SpectralGrid([1.0, 2.0]))
+        >>> print(grid.to_yaml().splitlines()[-2:])
+        ['spectral:', '  edges: [1.0, 2.0]']
+        >>> path = Path(tempfile.mkdtemp()) / "grid.yaml"
+        >>> text = grid.to_yaml(path)
+        >>> path.read_text() == text
+        True
         """
         import yaml
 
@@ -1283,6 +1419,17 @@ class OutputGrid:
         ------
         ValueError
             If the YAML does not describe a grid.
+        OSError
+            If ``source`` is a path that cannot be read.
+
+        Examples
+        --------
+        Text (anything with a line break) is parsed directly; a single-line string or a
+        :class:`~pathlib.Path` is read as a file.
+
+        >>> grid = OutputGrid(SpatialGrid.from_center(10.0, 5.0, 2, 2), SpectralGrid.native(6))
+        >>> OutputGrid.from_yaml(grid.to_yaml()) == grid
+        True
         """
         import yaml
 
@@ -1301,6 +1448,13 @@ class OutputGrid:
             :meth:`SpatialGrid.to_header` cards with ``WCSAXES = 3`` and
             :meth:`SpectralGrid.to_header` cards (which hold the exact edges and
             their number, so ``nz`` is known without ``NAXIS3``).
+
+        Examples
+        --------
+        >>> spectral = SpectralGrid([1.0, 1.5, 2.0])
+        >>> h = OutputGrid(SpatialGrid.from_center(0.0, 0.0, 1, 1), spectral).to_header()
+        >>> h["WCSAXES"], h["CTYPE1"], h["CTYPE3"], h["NWEDGE"], h["WEDG0001"]
+        (3, 'RA---TAN', 'WAVE', 3, 1.5)
         """
         hdr = self.spatial._header(naxis=3)
         hdr["PC3_3"] = 1.0
@@ -1320,6 +1474,18 @@ class OutputGrid:
         -------
         OutputGrid
             The grid.
+
+        Raises
+        ------
+        ValueError
+            If the header lacks the spatial size or the spectral axis (see
+            :meth:`SpatialGrid.from_header` and :meth:`SpectralGrid.from_header`).
+
+        Examples
+        --------
+        >>> grid = OutputGrid(SpatialGrid.from_center(0.0, 0.0, 1, 1), SpectralGrid.native(2))
+        >>> OutputGrid.from_header(grid.to_header()) == grid
+        True
         """
         return cls(SpatialGrid.from_header(header), SpectralGrid.from_header(header))
 
