@@ -44,6 +44,15 @@ _CHUNK_PIXELS = 1 << 20
 class BBox(NamedTuple):
     """Inclusive, 0-based input pixel limits ``(xmin, xmax, ymin, ymax)``.
 
+    A named tuple, so it unpacks like the plain tuple drizzle uses.
+
+    Parameters
+    ----------
+    xmin, xmax : int
+        First and last input column (both included).
+    ymin, ymax : int
+        First and last input row (both included).
+
     Examples
     --------
     >>> from drizzle3d.pixmap import BBox
@@ -52,6 +61,7 @@ class BBox(NamedTuple):
     (5, 10)
     >>> b.as_kwargs()
     {'xmin': 10, 'xmax': 19, 'ymin': 0, 'ymax': 4}
+    >>> xmin, xmax, ymin, ymax = b
     """
 
     xmin: int
@@ -61,22 +71,54 @@ class BBox(NamedTuple):
 
     @property
     def shape(self) -> tuple[int, int]:
-        """``(ny, nx)`` of the box (and of its pixmap without the last axis)."""
+        """``(ny, nx)`` of the box (and of its pixmap without the last axis).
+
+        Examples
+        --------
+        >>> BBox(xmin=0, xmax=2, ymin=5, ymax=5).shape
+        (1, 3)
+        """
         return (self.ymax - self.ymin + 1, self.xmax - self.xmin + 1)
 
     @property
     def size(self) -> int:
-        """Number of pixels in the box."""
+        """Number of pixels in the box.
+
+        Examples
+        --------
+        >>> BBox(0, 2, 5, 6).size
+        6
+        """
         ny, nx = self.shape
         return ny * nx
 
     @property
     def slices(self) -> tuple[slice, slice]:
-        """``(slice(ymin, ymax + 1), slice(xmin, xmax + 1))`` for numpy indexing."""
+        """``(slice(ymin, ymax + 1), slice(xmin, xmax + 1))`` for numpy indexing.
+
+        Examples
+        --------
+        >>> data = np.arange(20).reshape(4, 5)
+        >>> data[BBox(1, 2, 0, 1).slices]
+        array([[1, 2],
+               [6, 7]])
+        """
         return (slice(self.ymin, self.ymax + 1), slice(self.xmin, self.xmax + 1))
 
     def as_kwargs(self) -> dict[str, int]:
-        """The box as ``add_image`` keyword arguments."""
+        """The box as ``add_image`` keyword arguments.
+
+        Returns
+        -------
+        dict of str to int
+            ``{"xmin": ..., "xmax": ..., "ymin": ..., "ymax": ...}``, for
+            ``Drizzle3D.add_image(..., **box.as_kwargs())``.
+
+        Examples
+        --------
+        >>> BBox(3, 7, 1, 2).as_kwargs()
+        {'xmin': 3, 'xmax': 7, 'ymin': 1, 'ymax': 2}
+        """
         return {"xmin": self.xmin, "xmax": self.xmax, "ymin": self.ymin, "ymax": self.ymax}
 
 
@@ -684,6 +726,12 @@ def footprint_bbox(wcs_from, shape_from, wcs_to, shape_to, margin: float = 2) ->
     >>> box = footprint_bbox(big.wcs, big.shape, small.wcs, small.shape, margin=0)
     >>> box.shape
     (98, 99)
+
+    An output elsewhere on the sky gets no input pixels:
+
+    >>> far = SpatialGrid.from_center(30.0, -40.0, 10, 10)
+    >>> footprint_bbox(big.wcs, big.shape, far.wcs, far.shape) is None
+    True
     """
     if shape_from is None or shape_to is None:
         raise ValueError(
@@ -753,6 +801,12 @@ def estimate_pixel_scale_ratio(wcs_from, wcs_to, refpix_from=None, shape=None) -
     float
         ``1 / sqrt(|det J|)`` where ``J`` is the Jacobian of the input-to-output
         pixel map: drizzle's ``pixel_scale_ratio`` ("to" over "from" pixel size).
+
+    Raises
+    ------
+    ValueError
+        If ``shape`` is not two positive integers, or ``refpix_from`` does not map
+        to a finite output position with a non-degenerate Jacobian.
 
     Examples
     --------
