@@ -105,6 +105,19 @@ class ArchiveError(Exception):
         The URL of the failing request.
     cause : BaseException or None
         The underlying exception, if any.
+
+    Examples
+    --------
+    Every refusal and failure of this module carries the URL it concerns:
+
+    >>> try:
+    ...     archive_relpath("ftp://example.org/ibe/data/spherex/qr2/a.fits")
+    ... except ArchiveError as err:
+    ...     print(err.url)
+    ftp://example.org/ibe/data/spherex/qr2/a.fits
+    >>> err = ArchiveError("HTTP 503", url="https://irsa.example/x.fits", cause=OSError("busy"))
+    >>> str(err), err.cause
+    ('HTTP 503', OSError('busy'))
     """
 
     def __init__(self, message: str, url: str | None = None, cause: BaseException | None = None):
@@ -689,10 +702,24 @@ def query_spherex(
 
     Examples
     --------
+    A field is a centre and a size, or the output grid itself. Only the lines that ask
+    the real IRSA service are skipped here.
+
     >>> from astropy.coordinates import SkyCoord
     >>> import astropy.units as u
+    >>> from drizzle3d.grid import SpatialGrid
     >>> field = (SkyCoord(210.80, 54.35, unit="deg"), 10 * u.arcmin)
+    >>> grid = SpatialGrid.from_center(210.80, 54.35, 10, 10)
     >>> images = query_spherex(field, detectors=[3, 4], releases="qr2")  # doctest: +SKIP
+    >>> images = query_spherex(grid, mjd_range=(60800, None))  # doctest: +SKIP
+    >>> images["obs_id", "detector", "mjd_mid", "url"]  # doctest: +SKIP
+
+    Invalid arguments are refused before anything is sent:
+
+    >>> query_spherex(field, max_images=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: 'max_images' must be at least 1; got 0.
     """
     field = _field_from_region(region)
     dets = _normalise_detectors(detectors)
@@ -793,11 +820,19 @@ def archive_relpath(url: str) -> PurePosixPath:
         If the URL has a scheme other than http(s), is not under ``/ibe/data/spherex/``, or
         contains ``..``, ``.``, empty, backslash or control-character path segments, also
         when percent-encoded.
+    TypeError
+        If ``url`` is not a str.
 
     Examples
     --------
     >>> str(archive_relpath("https://irsa.ipac.caltech.edu/ibe/data/spherex/qr2/level2/a.fits"))
     'qr2/level2/a.fits'
+    >>> str(archive_relpath("ibe/data/spherex/qr2/level2/a.fits?center=1,2&size=0.1"))
+    'qr2/level2/a.fits'
+    >>> archive_relpath("https://irsa.ipac.caltech.edu/ibe/data/spherex/qr2/%2e%2e/etc")
+    Traceback (most recent call last):
+    ...
+    drizzle3d.archive.ArchiveError: refused URL with unsafe path segments ['..']: ...
     """
     if not isinstance(url, str):
         raise TypeError(f"'url' must be a str; got {type(url).__name__}.")
@@ -911,12 +946,26 @@ def verify_fits(path: str | os.PathLike, *, required_extnames: Sequence[str] = (
     Returns
     -------
     str or None
-        ``None`` if the file is complete, else the reason it is not.
+        ``None`` if the file is complete, else the reason it is not. Problems are
+        reported, never raised.
 
     Examples
     --------
+    >>> import tempfile
+    >>> from astropy.io import fits
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = Path(tmp.name) / "x.fits"
+    >>> fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(name="IMAGE")]).writeto(path)
+    >>> verify_fits(path, required_extnames=["IMAGE"]) is None
+    True
+    >>> verify_fits(path, required_extnames=["IMAGE", "FLAGS"])
+    "missing HDUs ['FLAGS']"
+    >>> _ = path.write_bytes(path.read_bytes()[:-100])  # an interrupted download
+    >>> verify_fits(path)
+    'truncated header in HDU 1 at byte 2880'
     >>> verify_fits("missing.fits")
     'cannot open: missing.fits'
+    >>> tmp.cleanup()
     """
     path = Path(path)
     try:
@@ -1003,9 +1052,9 @@ def _required_for(path: Path) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class FetchFailure:
-    """One file that could not be fetched.
+    """One file that could not be fetched (an entry of :attr:`FetchResult.failures`).
 
-    Attributes
+    Parameters
     ----------
     index : int
         Row of the input table.
@@ -1013,6 +1062,13 @@ class FetchFailure:
         The URL (with cutout parameters, if any) that failed.
     error : ArchiveError
         Why; ``error.cause`` holds the underlying exception.
+
+    Examples
+    --------
+    >>> url = "https://irsa.ipac.caltech.edu/ibe/data/spherex/qr2/a.fits"
+    >>> failure = FetchFailure(3, url, ArchiveError("HTTP 404 Not Found", url=url))
+    >>> failure.index, str(failure.error)
+    (3, 'HTTP 404 Not Found')
     """
 
     index: int
@@ -1022,6 +1078,13 @@ class FetchFailure:
 
 class FetchResult(list):
     """Local paths (or ``s3://`` URLs) in table order; ``None`` where a row failed.
+
+    A :class:`list` returned by :func:`fetch`, with counters and the failures.
+
+    Parameters
+    ----------
+    items : iterable, optional
+        Initial entries (paths, URLs or ``None``).
 
     Attributes
     ----------
@@ -1033,6 +1096,14 @@ class FetchResult(list):
         Files already present and verified, so not transferred.
     bytes_transferred : int
         Bytes received over HTTP in this call.
+
+    Examples
+    --------
+    >>> result = FetchResult(["a.fits", None, "c.fits"])
+    >>> len(result), result.paths
+    (3, ['a.fits', 'c.fits'])
+    >>> result.failures, result.n_downloaded, result.n_skipped, result.bytes_transferred
+    ([], 0, 0, 0)
     """
 
     def __init__(self, items=()):
@@ -1044,7 +1115,13 @@ class FetchResult(list):
 
     @property
     def paths(self) -> list:
-        """The successful entries only, in table order."""
+        """The successful entries only, in table order.
+
+        Examples
+        --------
+        >>> FetchResult([None, "b.fits"]).paths
+        ['b.fits']
+        """
         return [p for p in self if p is not None]
 
 
@@ -1268,8 +1345,30 @@ def fetch(
 
     Examples
     --------
+    With ``mode="mirror"`` nothing is transferred: each URL maps to its file in a local
+    copy of the archive tree, which must be present and complete.
+
+    >>> import tempfile
+    >>> from astropy.io import fits
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> url = "https://irsa.ipac.caltech.edu/ibe/data/spherex/qr2/level2/a.fits"
+    >>> local = mirror_path(url, tmp.name)
+    >>> local.parent.mkdir(parents=True)
+    >>> fits.PrimaryHDU().writeto(local)
+    >>> table = Table({"url": [url, url.replace("a.fits", "b.fits")]})
+    >>> paths = fetch(table, mode="mirror", mirror_root=tmp.name)
+    >>> [None if p is None else p.name for p in paths]
+    ['a.fits', None]
+    >>> paths.failures[0].index, paths.failures[0].url.endswith("b.fits")
+    (1, True)
+    >>> tmp.cleanup()
+
+    Downloads of whole files or cutouts need the real IRSA service:
+
+    >>> from tqdm import tqdm
+    >>> images = query_spherex(((210.80, 54.35), 0.1))  # doctest: +SKIP
     >>> paths = fetch(images, "data/", mode="cutout", progress=tqdm)  # doctest: +SKIP
-    >>> [p for p in paths if p is not None]  # doctest: +SKIP
+    >>> paths.paths, paths.failures  # doctest: +SKIP
     """
     if mode not in _MODES:
         raise ValueError(f"'mode' must be one of {_MODES}; got {mode!r}.")
