@@ -38,7 +38,10 @@ def test_corrupt_and_far_files_are_reported_and_skipped(small_field, small_grid,
     expected = drizzle_files(good, small_grid)
     s = actual.run_summary
     assert s.counts() == {
-        "used": len(good), "skipped": 1, "not_overlapping": 1, "already_included": 0
+        "used": len(good),
+        "skipped": 1,
+        "not_overlapping": 1,
+        "already_included": 0,
     }
     assert s.skipped[0]["path"] == str(corrupt)
     assert "truncated" in s.skipped[0]["reason"] or "missing HDU" in s.skipped[0]["reason"]
