@@ -162,6 +162,26 @@ class Line:
     amplitude : float
         Peak height, in the units of the spectrum it belongs to; positive for an
         emission line, negative for an absorption line.
+
+    Raises
+    ------
+    ValueError
+        If ``sigma`` is not positive.
+
+    Examples
+    --------
+    A line's integral is ``amplitude * sigma * sqrt(2 pi)``, so a band that holds
+    the whole line averages it to that integral over the bandwidth:
+
+    >>> import math
+    >>> line = Line(2.0, sigma=0.01, amplitude=1.0)
+    >>> average = Spectrum(0.0, lines=(line,)).band_average(2.0, 1.0)
+    >>> math.isclose(float(average), 0.01 * math.sqrt(2.0 * math.pi))
+    True
+    >>> Line(2.0, sigma=0.0, amplitude=1.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: 'sigma' must be > 0 um; got 0.0.
     """
 
     center: float
@@ -206,7 +226,23 @@ class Spectrum:
         object.__setattr__(self, "lines", tuple(self.lines))
 
     def evaluate(self, wavelength) -> np.ndarray:
-        """Return the spectrum at ``wavelength`` (um), vectorised."""
+        """Return the spectrum at ``wavelength`` (um), vectorised.
+
+        Parameters
+        ----------
+        wavelength : float or array_like
+            Wavelength(s) in um.
+
+        Returns
+        -------
+        numpy.ndarray
+            float64 values of the spectrum, of the shape of ``wavelength``.
+
+        Examples
+        --------
+        >>> Spectrum(1.0, index=-1.0).evaluate([1.0, 2.0, 4.0]).tolist()
+        [1.0, 0.5, 0.25]
+        """
         lam = np.asarray(wavelength, dtype=np.float64)
         out = self.amplitude * (lam / self.ref_wavelength) ** self.index
         for ln in self.lines:
@@ -218,6 +254,30 @@ class Spectrum:
 
         Exact (analytic) for the continuum and the lines; ``bandwidth == 0``
         gives :meth:`evaluate`.
+
+        Parameters
+        ----------
+        wavelength : float or array_like
+            Band centre(s) in um.
+        bandwidth : float or array_like
+            Full band width(s) in um (>= 0), broadcast against ``wavelength``.
+
+        Returns
+        -------
+        numpy.ndarray
+            float64 band averages, of the broadcast shape.
+
+        Examples
+        --------
+        The average of ``1 / lam`` over [1.9, 2.1] um is ``ln(2.1 / 1.9) / 0.2``,
+        slightly above its value at the band centre:
+
+        >>> import math
+        >>> s = Spectrum(1.0, index=-1.0)
+        >>> math.isclose(float(s.band_average(2.0, 0.2)), math.log(2.1 / 1.9) / 0.2)
+        True
+        >>> s.band_average([1.0, 2.0], 0.0).tolist()
+        [1.0, 0.5]
         """
         lam = np.asarray(wavelength, dtype=np.float64)
         bw = np.broadcast_to(np.asarray(bandwidth, dtype=np.float64), np.broadcast(lam).shape)
@@ -257,6 +317,20 @@ class PointSource:
         Flux density spectrum in **mJy**.
     fwhm : float, optional
         FWHM of the Gaussian PSF (arcsec).
+
+    Examples
+    --------
+    A 1 mJy source: its surface brightness integrated over the sky gives back the
+    flux density (1 mJy = 1e-9 MJy).
+
+    >>> import numpy as np
+    >>> star = PointSource(150.0, 2.0, Spectrum(1.0), fwhm=6.0)
+    >>> sky = Sky(point_sources=(star,))
+    >>> step = 0.5 / 3600.0  # 0.5 arcsec grid
+    >>> dy, dx = np.mgrid[-60:61, -60:61] * step
+    >>> sb = sky.evaluate(150.0 + dx / np.cos(np.radians(2.0)), 2.0 + dy, 1.5)  # MJy/sr
+    >>> round(float(sb.sum() * np.radians(step) ** 2) * 1e9, 4)  # mJy
+    1.0
     """
 
     ra: float
@@ -277,6 +351,18 @@ class ExtendedSource:
         Peak surface brightness spectrum in **MJy/sr**.
     fwhm : float
         FWHM of the blob (arcsec).
+
+    Examples
+    --------
+    The surface brightness at the centre is the spectrum itself; one FWHM/2 away it
+    is half of it.
+
+    >>> blob = ExtendedSource(150.0, 2.0, Spectrum(0.3), fwhm=60.0)
+    >>> sky = Sky(extended_sources=(blob,))
+    >>> float(sky.evaluate(150.0, 2.0, 2.0))
+    0.3
+    >>> round(float(sky.evaluate(150.0, 2.0 + 30.0 / 3600.0, 2.0)), 6)
+    0.15
     """
 
     ra: float
@@ -308,9 +394,11 @@ class Sky:
     Parameters
     ----------
     background : Spectrum, optional
-        Uniform astrophysical background (MJy/sr).
+        Uniform astrophysical background (MJy/sr); default zero.
     point_sources : tuple of PointSource, optional
+        Unresolved sources (flux densities in mJy).
     extended_sources : tuple of ExtendedSource, optional
+        Gaussian blobs (peak surface brightness in MJy/sr).
 
     Examples
     --------
@@ -334,7 +422,7 @@ class Sky:
 
         Parameters
         ----------
-        center : tuple of float
+        center : tuple of float, optional
             ``(ra, dec)`` of the field centre (deg).
 
         Returns
@@ -344,6 +432,16 @@ class Sky:
             arcsec) 60 arcsec east of it carries Pa-beta 1.282, Pa-alpha 1.875,
             Br-alpha 4.052 um and PAH 3.3 um emission plus a 2.3 um CO-like
             absorption on a falling continuum.
+
+        Examples
+        --------
+        >>> sky = Sky.default(center=(10.0, -45.0))
+        >>> len(sky.point_sources), len(sky.extended_sources)
+        (4, 1)
+        >>> (sky.point_sources[0].ra, sky.point_sources[0].dec)
+        (10.0, -45.0)
+        >>> [line.center for line in sky.extended_sources[0].spectrum.lines]
+        [1.282, 1.875, 2.3, 3.3, 4.052]
         """
         ra0, dec0 = (float(c) for c in center)
         cosd = math.cos(math.radians(dec0))
@@ -400,6 +498,25 @@ class Sky:
         """Surface brightness (MJy/sr) at ``(ra, dec)`` (deg) and ``wavelength`` (um).
 
         Arguments broadcast against each other.
+
+        Parameters
+        ----------
+        ra, dec : float or array_like
+            Sky position(s) in deg.
+        wavelength : float or array_like
+            Wavelength(s) in um.
+
+        Returns
+        -------
+        numpy.ndarray
+            float64 surface brightness (MJy/sr), point sampled from the
+            PSF-convolved scene, of the broadcast shape.
+
+        Examples
+        --------
+        >>> sky = Sky(background=Spectrum(0.5, index=-1.0))
+        >>> sky.evaluate(150.0, 2.0, [1.0, 2.0]).tolist()
+        [0.5, 0.25]
         """
         ra, dec, lam = np.broadcast_arrays(
             np.asarray(ra, float), np.asarray(dec, float), np.asarray(wavelength, float)
@@ -410,7 +527,35 @@ class Sky:
         return out
 
     def band_average(self, ra, dec, wavelength, bandwidth) -> np.ndarray:
-        """Surface brightness (MJy/sr) averaged over the band ``wavelength +- bandwidth/2``."""
+        """Surface brightness (MJy/sr) averaged over the band ``wavelength +- bandwidth/2``.
+
+        What a SPHEREx pixel of central wavelength ``wavelength`` and bandwidth
+        ``bandwidth`` sees (before pixel integration); see :meth:`Spectrum.band_average`.
+
+        Parameters
+        ----------
+        ra, dec : float or array_like
+            Sky position(s) in deg.
+        wavelength : float or array_like
+            Band centre(s) in um.
+        bandwidth : float or array_like
+            Full band width(s) in um (>= 0).
+
+        Returns
+        -------
+        numpy.ndarray
+            float64 band-averaged surface brightness (MJy/sr), of the broadcast shape.
+
+        Examples
+        --------
+        A narrow line is diluted by a wide band:
+
+        >>> sky = Sky(background=Spectrum(0.0, lines=(Line(2.0, 0.005, 1.0),)))
+        >>> float(sky.band_average(150.0, 2.0, 2.0, 0.0))
+        1.0
+        >>> bool(sky.band_average(150.0, 2.0, 2.0, 0.05) < 0.3)
+        True
+        """
         ra, dec, lam, bw = np.broadcast_arrays(
             np.asarray(ra, float),
             np.asarray(dec, float),
@@ -465,6 +610,13 @@ def lvf_wavelength(detector, x, y, shape=(2040, 2040)) -> tuple[np.ndarray, np.n
     Returns
     -------
     wavelength, bandwidth : numpy.ndarray
+        Central wavelength and bandwidth (um) at each pixel, of the broadcast
+        shape of ``x`` and ``y``.
+
+    Raises
+    ------
+    ValueError
+        If ``detector`` is not 1..6 or ``shape`` is smaller than (16, 16).
 
     Examples
     --------
@@ -505,6 +657,22 @@ def lvf_table(detector, shape=(2040, 2040)) -> tuple[np.ndarray, np.ndarray, np.
         1-based control points along x and y.
     values : numpy.ndarray of float32, shape (len(y), len(x), 2)
         ``values[iy, ix, 0]`` wavelength, ``values[iy, ix, 1]`` bandwidth (um).
+
+    Raises
+    ------
+    ValueError
+        If ``detector`` is not 1..6 or ``shape`` is smaller than (16, 16).
+
+    Examples
+    --------
+    >>> x, y, values = lvf_table(4)
+    >>> x.size, y.size, values.shape
+    (13, 20, (20, 13, 2))
+    >>> int(x[0]), int(x[-1])
+    (1, 2040)
+    >>> x, y, values = lvf_table(4, shape=(64, 64))  # control points scaled to the frame
+    >>> int(y[-1])
+    64
     """
     det = _check_detector(detector)
     ny, nx = _check_shape(shape)
@@ -537,6 +705,28 @@ def zodi_model(wavelength, x, y, shape) -> np.ndarray:
     ``Z = (0.2 lam**1.2 + 0.002 lam**4) * (1 + 0.03 (u - 0.5) - 0.02 (t - 0.5))``
     with ``u, t`` the normalised 1-based pixel coordinates: a scattered plus
     thermal spectrum with a gentle gradient across the frame.
+
+    Parameters
+    ----------
+    wavelength : float or array_like
+        Wavelength(s) in um (the pixel's central wavelength).
+    x, y : float or array_like
+        1-based pixel coordinates.
+    shape : tuple of int
+        ``(ny, nx)`` of the frame.
+
+    Returns
+    -------
+    numpy.ndarray
+        Zodiacal light (MJy/sr), of the broadcast shape of the arguments.
+
+    Examples
+    --------
+    At the frame centre the gradient term is 1:
+
+    >>> z = zodi_model([1.0, 4.0], 1020.5, 1020.5, (2040, 2040))
+    >>> [round(float(v), 6) for v in z]
+    [0.202, 1.567606]
     """
     ny, nx = shape
     lam = np.asarray(wavelength, dtype=np.float64)
@@ -817,13 +1007,21 @@ def write_exposure(
 
     Examples
     --------
-    >>> import numpy as np, tempfile, os
-    >>> w = _celestial_wcs((32, 32), (150.0, 2.0), 0.0)
+    >>> import tempfile
+    >>> from astropy.wcs import WCS
+    >>> w = WCS(naxis=2)
+    >>> w.wcs.ctype = ["RA---TAN-SIP", "DEC--TAN-SIP"]
+    >>> w.wcs.crval, w.wcs.crpix = [150.0, 2.0], [16.5, 16.5]
+    >>> w.wcs.cdelt = [-PIXEL_SCALE_ARCSEC / 3600.0, PIXEL_SCALE_ARCSEC / 3600.0]
+    >>> w.sip = Sip(np.zeros((3, 3)), np.zeros((3, 3)), None, None, [16.5, 16.5])
     >>> a = np.ones((32, 32), np.float32)
-    >>> p = write_exposure(os.path.join(tempfile.mkdtemp(), "x.fits"), a, a, a.astype("i4"),
-    ...                    a, w, detector=3)
-    >>> p.exists()
-    True
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> p = write_exposure(Path(tmp.name) / "x.fits", a, 0.01 * a, np.zeros((32, 32), "i4"),
+    ...                    0.2 * a, w, detector=3)
+    >>> with fits.open(p) as hdul:
+    ...     print([hdu.name for hdu in hdul])
+    ['PRIMARY', 'IMAGE', 'FLAGS', 'VARIANCE', 'ZODI', 'PSF', 'WCS-WAVE']
+    >>> tmp.cleanup()
     """
     release = str(release).lower()
     if release not in ("qr2", "qr3"):
@@ -927,13 +1125,31 @@ def write_spectral_wcs_calibration(path, detector, shape=(2040, 2040)) -> Path:
     Parameters
     ----------
     path : str or os.PathLike
+        Output file (written through a temporary file and a rename).
     detector : int
+        1..6.
     shape : tuple of int, optional
         ``(ny, nx)`` of the parent frame.
 
     Returns
     -------
     pathlib.Path
+        The file written.
+
+    Raises
+    ------
+    ValueError
+        If ``detector`` is not 1..6 or ``shape`` is smaller than (16, 16).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> p = write_spectral_wcs_calibration(Path(tmp.name) / "cal.fits", 3, shape=(32, 32))
+    >>> with fits.open(p) as hdul:
+    ...     print([hdu.name for hdu in hdul], hdul["CWAVE"].shape, hdul["CWAVE"].header["BUNIT"])
+    ['PRIMARY', 'CWAVE', 'CBAND', 'WCS-WAVE'] (32, 32) um
+    >>> tmp.cleanup()
     """
     ny, nx = _check_shape(shape)
     yy, xx = np.mgrid[1 : ny + 1, 1 : nx + 1].astype(np.float64)
@@ -963,14 +1179,18 @@ def write_spectral_wcs_calibration(path, detector, shape=(2040, 2040)) -> Path:
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
 class ExposureTruth:
-    """What the simulator put into one exposure.
+    """What the simulator put into one exposure (an entry of :attr:`SimulatedField.exposures`).
 
-    Attributes
+    Parameters
     ----------
     path : pathlib.Path
+        The Level-2 file written.
     detector : int
+        Detector number 1..6.
     obsid : str
+        Observation ID (header ``OBSID``).
     mjd_beg : float
+        Start of the exposure (MJD).
     crval : tuple of float
         ``(ra, dec)`` at the frame centre (deg).
     rotation : float
@@ -992,6 +1212,19 @@ class ExposureTruth:
         (the bilinear ``WCS-WAVE`` table).
     wcs : astropy.wcs.WCS
         Celestial WCS written.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> field = simulate_field(tmp.name, n_exposures=1, shape=(32, 32), noise=False)
+    >>> truth = field.exposures[0]
+    >>> truth.detector, truth.model.shape, truth.wavemap.shape
+    (3, (32, 32), (32, 32, 2))
+    >>> with fits.open(truth.path) as hdul:
+    ...     bool(np.allclose(hdul["IMAGE"].data[~truth.bad_pixels], truth.model[~truth.bad_pixels]))
+    True
+    >>> tmp.cleanup()
     """
 
     path: Path
@@ -1012,7 +1245,33 @@ class ExposureTruth:
 
 @dataclass(frozen=True, eq=False)
 class SimulatedField:
-    """Result of :func:`simulate_field`: the files and their per-exposure truth."""
+    """Result of :func:`simulate_field`: the files and their per-exposure truth.
+
+    Iterating over it (and ``len``) goes over the file paths, so it can be passed
+    wherever a list of input files is expected.
+
+    Parameters
+    ----------
+    paths : list of pathlib.Path
+        The files written, detector by detector, in exposure order.
+    exposures : list of ExposureTruth
+        What was put into each file, in the order of ``paths``.
+    sky : Sky
+        The simulated truth.
+    seed : int
+        The random seed everything was drawn from.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> field = simulate_field(tmp.name, detectors=(1, 4), n_exposures=1, shape=(32, 32))
+    >>> len(field), [e.detector for e in field.exposures]
+    (2, [1, 4])
+    >>> [p.suffix for p in field]
+    ['.fits', '.fits']
+    >>> tmp.cleanup()
+    """
 
     paths: list
     exposures: list
@@ -1323,6 +1582,24 @@ def make_cutout(
     ValueError
         If the box does not overlap the frame (IRSA answers HTTP 400) or a unit
         is unknown.
+
+    Examples
+    --------
+    An 8 x 6 pixel box around pixel (10, 12) of a simulated exposure, written to
+    memory:
+
+    >>> import io, tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> field = simulate_field(tmp.name, n_exposures=1, shape=(32, 32), noise=False)
+    >>> buf = io.BytesIO()
+    >>> make_cutout(field.paths[0], buf, (10, 12), (8, 6), center_unit="px", size_unit="px")
+    (9, 15, 6, 14)
+    >>> _ = buf.seek(0)
+    >>> with fits.open(buf) as cut, fits.open(field.paths[0]) as full:
+    ...     same = np.array_equal(cut["IMAGE"].data, full["IMAGE"].data[9:15, 6:14])
+    ...     print(cut["IMAGE"].shape, same)
+    (6, 8) True
+    >>> tmp.cleanup()
     """
     size = np.broadcast_to(np.asarray(size, dtype=float), (2,))
     su = str(size_unit).lower()
