@@ -44,8 +44,12 @@ def _full_config():
                 "prefix": "m31",
                 "formats": ["fits", "netcdf", "zarr"],
                 "overwrite": True,
+                "update": True,
+                "checkpoint_every": 50,
+                "tile_size": 512,
             },
             "workers": 2,
+            "scheduler": "tcp://10.0.0.1:8786",
         }
     )
 
@@ -95,7 +99,9 @@ def test_defaults_and_example():
         ({"spectral": {"edges": [2.0, 1.0]}}, ValueError, r"must be strictly increasing"),
         ({"output": {"formats": ["hdf5"]}}, ValueError, r"'output.formats' must be one of"),
         ({"outliers": {"enabled": "yes"}}, TypeError, r"'outliers.enabled' must be true or false"),
-        ({"workers": 0}, ValueError, r"'workers' must be >= 1"),
+        ({"workers": -1}, ValueError, r"'workers' must be >= 0"),
+        ({"scheduler": "mpi"}, ValueError, r"'scheduler' must be null, 'threads'"),
+        ({"output": {"checkpoint_every": -2}}, ValueError, r"'output.checkpoint_every' must be"),
         ({"outliers": {"snr": [5.0]}}, ValueError, r"'outliers.snr' must be \[first, second\]"),
         ({"inputs": {"files": ["a.fits"], "glob": "*.fits"}}, ValueError, r"one of files, glob"),
         ({"pixel_scale": "6"}, TypeError, r"'pixel_scale' must be a number; got '6'"),

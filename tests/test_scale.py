@@ -255,3 +255,32 @@ def test_tiled_peak_memory_is_bounded_by_the_tile(small_field, tmp_path):
     ds = xr.open_zarr(tmp_path / "big.zarr", consolidated=False)
     assert ds["sci"].shape == (nz, ny, nx)
     assert ds["sci"].chunks[1][0] == 125
+
+
+def test_config_update_adds_only_new_images(small_field, small_grid, serial, tmp_path):
+    from drizzle3d.config import Drizzle3DConfig
+    from drizzle3d.io import load_cube
+    from drizzle3d.pipeline import drizzle
+
+    paths = [str(p) for p in small_field.paths]
+
+    def config(files):
+        return Drizzle3DConfig.from_dict({
+            "region": {"ra": 150.0, "dec": 2.0, "width": 6.0},
+            "inputs": {"files": files},
+            "output": {"directory": str(tmp_path), "formats": ["netcdf"], "update": True},
+            "workers": 2,
+        })  # fmt: skip
+
+    drizzle(config(paths[:4]))
+    written = drizzle(config(paths))  # all eight listed: only the last four are added
+    actual = load_cube(written["D3.nc"])
+    expected = serial.to_dataset()
+    for name in ("sci", "var", "wht", "count"):
+        e = expected[name].values
+        np.testing.assert_allclose(
+            actual[name].values, e, rtol=1e-12, atol=1e-12 * np.nanmax(np.abs(e)), err_msg=name
+        )
+    summary = json.loads(actual.attrs["run_summary"])
+    assert summary["counts"]["already_included"] == 4
+    assert actual.attrs["n_images"] == 8

@@ -371,6 +371,9 @@ class OutputConfig(_Section):
     prefix: str = "cube"
     formats: tuple = ("fits",)
     overwrite: bool = False
+    update: bool = False
+    checkpoint_every: int = 0
+    tile_size: int | None = None
     _name = "output"
 
     def __post_init__(self):
@@ -386,6 +389,12 @@ class OutputConfig(_Section):
             self, "formats", tuple(_choice("output.formats", f, FORMATS) for f in fmts)
         )
         _bool("output.overwrite", self.overwrite)
+        _bool("output.update", self.update)
+        object.__setattr__(
+            self, "checkpoint_every", _int("output.checkpoint_every", self.checkpoint_every, low=0)
+        )
+        if self.tile_size is not None:
+            object.__setattr__(self, "tile_size", _int("output.tile_size", self.tile_size, low=8))
 
 
 _SECTIONS = {
@@ -412,7 +421,11 @@ class Drizzle3DConfig:
     pixel_scale : float
         Output pixel size (arcsec).
     workers : int
-        Parallel workers (1: serial).
+        Parallel workers (1: serial; 0: all cores).
+    scheduler : str or None
+        ``"threads"`` (default when null) or ``"processes"`` for a local pool,
+        ``"local"`` for a dask ``LocalCluster``, or a dask scheduler address
+        (``"tcp://host:8786"``).
     """
 
     region: RegionConfig = field(default_factory=RegionConfig)
@@ -425,6 +438,7 @@ class Drizzle3DConfig:
     download: DownloadConfig = field(default_factory=DownloadConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     workers: int = 1
+    scheduler: str | None = None
 
     def __post_init__(self):
         dets = self.detectors
@@ -449,7 +463,16 @@ class Drizzle3DConfig:
         object.__setattr__(
             self, "pixel_scale", _num("pixel_scale", self.pixel_scale, low=0, low_open=True)
         )
-        object.__setattr__(self, "workers", _int("workers", self.workers, low=1))
+        object.__setattr__(self, "workers", _int("workers", self.workers, low=0))
+        sched = _opt_str("scheduler", self.scheduler)
+        if sched is not None and sched not in ("threads", "processes", "local") and (
+            "://" not in sched
+        ):
+            raise ValueError(
+                "'scheduler' must be null, 'threads', 'processes', 'local' or a dask "
+                f"scheduler address such as 'tcp://host:8786'; got {sched!r}."
+            )
+        object.__setattr__(self, "scheduler", sched)
 
     # -- derived ----------------------------------------------------------
 
@@ -635,6 +658,14 @@ output:
   prefix: cube           # files are <prefix>_D<n>.<ext>
   formats: [fits]        # any of fits, netcdf, zarr
   overwrite: false       # never replace an existing cube unless true
+  update: false          # keep the accumulator state (<prefix>_D<n>.state.zarr); when it
+                         # exists, add only the images not yet in the cube
+  checkpoint_every: 0    # save that state every N images (0: at the end); a killed run
+                         # restarted with update: true resumes from the last checkpoint
+  tile_size: null        # example: 512: drizzle tile by tile into one zarr store chunked
+                         # by tile (outputs larger than memory)
 
-workers: 1
+workers: 1               # parallel workers (0: all cores)
+scheduler: null          # threads (default) | processes | local (dask LocalCluster) |
+                         # a dask scheduler address, e.g. tcp://host:8786
 """

@@ -1613,12 +1613,26 @@ def _detector_of(path: str) -> int | None:
         return None
 
 
+def _config_kwargs(config) -> dict[str, Any]:
+    c = config.drizzle
+    return {
+        "kernel": c.kernel, "pixfrac": c.pixfrac, "wave_pixfrac": c.wave_pixfrac,
+        "weighting": c.weighting, "ivar_max": c.ivar_max, "min_overlap": c.min_overlap,
+        "exclude_flags": list(c.exclude_flags), "zodi": c.zodi,
+    }  # fmt: skip
+
+
 def drizzle(config, *, progress: Callable | None = None) -> dict[str, Path]:
     """Run the whole pipeline of a :class:`~drizzle3d.config.Drizzle3DConfig`.
 
     Inputs are resolved (files, glob, or archive query + download/mirror), then
     :func:`drizzle_files` runs once per detector and each cube is written to
     ``output.directory`` as ``<prefix>_D<n>.<ext>`` in every requested format.
+    ``workers``/``scheduler`` choose the parallel back-end; with
+    ``output.update`` (or ``output.checkpoint_every``) the accumulator state is
+    kept in ``<prefix>_D<n>.state.zarr`` and a later (or restarted) run adds
+    only the images not yet included; with ``output.tile_size`` the cube is
+    drizzled tile by tile into ``<prefix>_D<n>.zarr`` (:func:`drizzle_tiled`).
 
     Parameters
     ----------
@@ -1659,25 +1673,35 @@ def drizzle(config, *, progress: Callable | None = None) -> dict[str, Path]:
             logger.warning("no input files for detector D%d", det)
             continue
         grid = config.grid(det)
+        out = config.output
+        n_workers = config.workers or None
+        if out.tile_size:
+            target = out_dir / f"{out.prefix}_D{det}.zarr"
+            written[f"D{det}.zarr"] = drizzle_tiled(
+                files, grid, target, tile_shape=out.tile_size, n_workers=n_workers,
+                overwrite=out.overwrite, progress=progress, **_config_kwargs(config),
+            )  # fmt: skip
+            continue
+        sched = config.scheduler
+        parallel = {
+            "n_workers": n_workers,
+            "executor": "processes" if sched == "processes" else "threads",
+            "client": sched if sched not in (None, "threads", "processes") else None,
+        }
+        state = out_dir / f"{out.prefix}_D{det}.state.zarr"
+        keep_state = out.update or out.checkpoint_every > 0
+        resume = state if keep_state and state.exists() else None
         d = drizzle_files(
-            files,
-            grid,
-            kernel=config.drizzle.kernel,
-            pixfrac=config.drizzle.pixfrac,
-            wave_pixfrac=config.drizzle.wave_pixfrac,
-            weighting=config.drizzle.weighting,
-            ivar_max=config.drizzle.ivar_max,
-            min_overlap=config.drizzle.min_overlap,
-            exclude_flags=list(config.drizzle.exclude_flags),
-            zodi=config.drizzle.zodi,
-            outliers=config.outliers.to_dict(),
-            progress=progress,
-        )
+            files, grid, outliers=config.outliers.to_dict(), progress=progress,
+            resume=resume, duplicates="skip" if resume is not None else "error",
+            checkpoint=state if keep_state else None, checkpoint_every=out.checkpoint_every,
+            **parallel, **_config_kwargs(config),
+        )  # fmt: skip
         ds = cube_dataset(d, detector=det)
-        for fmt in config.output.formats:
+        for fmt in out.formats:
             ext = {"fits": "fits", "netcdf": "nc", "zarr": "zarr"}[fmt]
-            target = out_dir / f"{config.output.prefix}_D{det}.{ext}"
-            save_cube(ds, target, fmt, overwrite=config.output.overwrite)
+            target = out_dir / f"{out.prefix}_D{det}.{ext}"
+            save_cube(ds, target, fmt, overwrite=out.overwrite or resume is not None)
             written[f"D{det}.{ext}"] = target
     return written
 

@@ -1,0 +1,146 @@
+"""Scale-out benchmark (issue 7): parallel speed-up and tiled peak memory.
+
+1. 16 simulated full-frame D3 exposures (2040 x 2040, written once to a cache
+   directory) drizzled onto a 30 x 30 arcmin native grid: serial, a thread pool,
+   a process pool and a dask ``LocalCluster`` with all cores, each timed end to
+   end (after a warm-up run that loads numba's cached kernels). Prints seconds,
+   the speed-up over serial and the largest difference from the serial cube.
+2. A tiled run (``drizzle_tiled``, one worker) over a mosaic whose float64 state
+   would need 4x the memory limit set for it, in a subprocess; prints its peak
+   resident memory (VmHWM) against the limit.
+
+Usage::
+
+    python benchmarks/bench_scale.py [--cache DIR] [--n 16] [--limit-mb 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+
+CENTER = (150.0, 2.0)
+
+
+def _field(cache: Path, n: int) -> list[str]:
+    paths = sorted(str(p) for p in cache.glob("level2_*.fits"))
+    if len(paths) >= n:
+        return paths[:n]
+    from drizzle3d.simulate import simulate_field
+
+    print(f"simulating {n} full-frame D3 exposures into {cache} (once) ...", flush=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    f = simulate_field(cache, n_exposures=n, shape=(2040, 2040), center=CENTER, seed=16)
+    return [str(p) for p in f.paths]
+
+
+def _speedups(paths: list[str]) -> None:
+    from distributed import Client, LocalCluster
+
+    from drizzle3d.grid import OutputGrid, SpatialGrid, SpectralGrid
+    from drizzle3d.pipeline import drizzle_files
+
+    grid = OutputGrid(SpatialGrid.from_center(*CENTER, 30.0, 30.0), SpectralGrid.native(3))
+    ncores = os.cpu_count() or 1
+    drizzle_files(paths[:1], grid)  # warm-up: numba cache, page cache
+    runs = {}
+    t = time.perf_counter()
+    ref = drizzle_files(paths, grid)
+    runs["serial"] = time.perf_counter() - t
+    cubes = {}
+    for name, kw in (
+        (f"threads x{ncores}", {"n_workers": ncores}),
+        (f"processes x{ncores}", {"n_workers": ncores, "executor": "processes"}),
+    ):
+        t = time.perf_counter()
+        cubes[name] = drizzle_files(paths, grid, **kw)
+        runs[name] = time.perf_counter() - t
+    t0 = time.perf_counter()
+    with (
+        LocalCluster(n_workers=ncores, threads_per_worker=1, dashboard_address=None) as cl,
+        Client(cl) as client,
+    ):
+        start = time.perf_counter() - t0
+        drizzle_files(paths[:2], grid, client=client)  # workers load numba's cache
+        t = time.perf_counter()
+        cubes[f"LocalCluster x{ncores}"] = drizzle_files(paths, grid, client=client)
+        runs[f"LocalCluster x{ncores}"] = time.perf_counter() - t
+    e = ref.out_sci.values
+    scale = np.nanmax(np.abs(e))
+    print(f"\n{len(paths)} full-frame D3 exposures -> 30x30 arcmin native grid, {ncores} cores")
+    print(f"{'run':<22}{'seconds':>9}{'s/exposure':>12}{'speed-up':>10}{'max |diff|/max':>16}")
+    for name, sec in runs.items():
+        diff = 0.0
+        if name in cubes:
+            diff = float(np.nanmax(np.abs(cubes[name].out_sci.values - e)) / scale)
+        print(f"{name:<22}{sec:9.2f}{sec / len(paths):12.3f}{runs['serial'] / sec:10.2f}"
+              f"{diff:16.2e}")  # fmt: skip
+    print(f"(LocalCluster start-up, not included above: {start:.1f} s)")
+
+
+_TILED = textwrap.dedent(
+    """
+    import json, sys, time
+    from drizzle3d.grid import OutputGrid, SpatialGrid, SpectralGrid
+    from drizzle3d.pipeline import drizzle_tiled
+
+    width, pixscale = float(sys.argv[1]), float(sys.argv[2])
+    tile, store = int(sys.argv[3]), sys.argv[4]
+    grid = OutputGrid(SpatialGrid.from_center(150.0, 2.0, width, width, pixscale=pixscale),
+                      SpectralGrid.oversampled(3, 4))
+    t = time.perf_counter()
+    drizzle_tiled(sys.argv[5:], grid, store, tile_shape=tile, n_workers=1)
+    sec = time.perf_counter() - t
+    hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+    print(json.dumps({"shape": list(grid.shape), "seconds": sec, "vmhwm_kb": int(hwm)}))
+    """
+)
+
+
+def _tiled(paths: list[str], limit_mb: float) -> None:
+    nz = 66  # SpectralGrid.oversampled(3, 4)
+    pixscale = 3.0
+    side = int(np.sqrt(4 * limit_mb * 1e6 / (64 * nz))) + 1  # state = 4 x limit
+    width = side * pixscale / 60.0
+    tile = 128
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run(
+            [sys.executable, "-c", _TILED, str(width), str(pixscale), str(tile),
+             os.path.join(tmp, "mosaic.zarr"), *paths],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    nz, ny, nx = res["shape"]
+    state_mb = nz * ny * nx * 64 / 1e6
+    print(f"\ntiled run: {len(paths)} full-frame exposures onto a {nz} x {ny} x {nx} mosaic "
+          f"({width:.0f}' at {pixscale}\"), tiles {tile}x{tile}, 1 worker")  # fmt: skip
+    print(f"  state if untiled {state_mb:8.0f} MB  = {state_mb / limit_mb:.1f} x the limit")
+    print(f"  memory limit     {limit_mb:8.0f} MB")
+    print(f"  peak RSS (VmHWM) {res['vmhwm_kb'] / 1e3:8.0f} MB  (imports included); "
+          f"{res['seconds']:.1f} s")  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "d3_bench_scale16"))
+    ap.add_argument("--n", type=int, default=16)
+    ap.add_argument("--limit-mb", type=float, default=1000.0)
+    ap.add_argument("--skip-tiled", action="store_true")
+    args = ap.parse_args()
+    paths = _field(Path(args.cache), args.n)
+    _speedups(paths)
+    if not args.skip_tiled:
+        _tiled(paths[:4], args.limit_mb)
+
+
+if __name__ == "__main__":
+    main()
