@@ -465,8 +465,10 @@ class Drizzle3DConfig:
         )
         object.__setattr__(self, "workers", _int("workers", self.workers, low=0))
         sched = _opt_str("scheduler", self.scheduler)
-        if sched is not None and sched not in ("threads", "processes", "local") and (
-            "://" not in sched
+        if (
+            sched is not None
+            and sched not in ("threads", "processes", "local")
+            and ("://" not in sched)
         ):
             raise ValueError(
                 "'scheduler' must be null, 'threads', 'processes', 'local' or a dask "
