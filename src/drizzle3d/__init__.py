@@ -12,8 +12,8 @@ from drizzle3d.archive import ArchiveError, FetchResult, fetch, query_spherex
 from drizzle3d.blot import Exposure, blot_cube, find_outliers
 from drizzle3d.config import Drizzle3DConfig
 from drizzle3d.grid import OutputGrid, SpatialGrid, SpectralGrid
-from drizzle3d.io import load_cube, save_cube
-from drizzle3d.pipeline import drizzle, drizzle_files, extract_spectrum
+from drizzle3d.io import load_cube, load_state, save_cube, save_state
+from drizzle3d.pipeline import drizzle, drizzle_files, drizzle_tiled, extract_spectrum, file_hash
 from drizzle3d.pixmap import BBox, calc_pixmap, estimate_pixel_scale_ratio, footprint_bbox
 from drizzle3d.resample import SUPPORTED_KERNELS, Drizzle3D, decode_context
 from drizzle3d.simulate import (
@@ -28,10 +28,12 @@ from drizzle3d.simulate import (
 )
 from drizzle3d.spherex import (
     DEFAULT_EXCLUDE_FLAGS,
+    ImageHeader,
     SpherexFileError,
     SpherexImage,
     fit_zodi_scale,
     flag_bits,
+    read_header_wcs,
     read_spherex,
     spectral_wavemap,
 )
@@ -51,6 +53,7 @@ __all__ = [
     "Exposure",
     "ExtendedSource",
     "FetchResult",
+    "ImageHeader",
     "Line",
     "OutputGrid",
     "PointSource",
@@ -66,18 +69,23 @@ __all__ = [
     "decode_context",
     "drizzle",
     "drizzle_files",
+    "drizzle_tiled",
     "estimate_pixel_scale_ratio",
     "extract_spectrum",
     "fetch",
+    "file_hash",
     "find_outliers",
     "fit_zodi_scale",
     "flag_bits",
     "footprint_bbox",
     "load_cube",
+    "load_state",
     "make_cutout",
     "query_spherex",
+    "read_header_wcs",
     "read_spherex",
     "save_cube",
+    "save_state",
     "simulate_field",
     "spectral_wavemap",
     "write_exposure",
