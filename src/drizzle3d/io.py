@@ -9,25 +9,25 @@ FITS layout
 -----------
 The layout SPHEREx users already load from the existing cube tool:
 
-======================  ==========================================================
-HDU                     content
-======================  ==========================================================
-``PRIMARY``             no data; run metadata (``DETECTOR``, ``NINPUTS``, ``KERNEL``,
-                        ``PIXFRAC``, ``WPIXFRAC``, ``WEIGHTNG``, ``WAVEMIN``, ``WAVEMAX``,
-                        ``D3DVERS``)
-``SCI``                 surface brightness (float32 by default), 3-D WCS
-``VARIANCE``            variance of ``SCI``, 3-D WCS
-``AND_MASK``/``OR_MASK`` uint32 bitwise AND / OR of input flags
-``COUNT``               int32 contributing input pixels
-``WHT``                 total weight
-``WAVE_EFF``            effective wavelength of each voxel (um), issue 10
-``WAVE_SPREAD``         RMS spread of contributing wavelengths (um)
-``CTX``                 int32 context planes (which images contributed)
-``WAVELENGTH``          table: ``INDEX``, ``LAMBDA``, ``LAMBDA_MIN``, ``LAMBDA_MAX``,
-                        ``DLAMBDA`` (um), ``NU``, ``DNU`` (Hz), ``R_EFF``
-``ATTRS``               table ``SCOPE``, ``NAME``, ``VALUE`` (JSON): every attribute of the
-                        dataset, its variables and coordinates, for an exact round trip
-======================  ==========================================================
+========================  ==========================================================
+HDU                       content
+========================  ==========================================================
+``PRIMARY``               no data; run metadata (``DETECTOR``, ``NINPUTS``, ``KERNEL``,
+                          ``PIXFRAC``, ``WPIXFRAC``, ``WEIGHTNG``, ``WAVEMIN``, ``WAVEMAX``,
+                          ``D3DVERS``)
+``SCI``                   surface brightness (float32 by default), 3-D WCS
+``VARIANCE``              variance of ``SCI``, 3-D WCS
+``AND_MASK``/``OR_MASK``  uint32 bitwise AND / OR of input flags
+``COUNT``                 int32 contributing input pixels
+``WHT``                   total weight
+``WAVE_EFF``              effective wavelength of each voxel (um), issue 10
+``WAVE_SPREAD``           RMS spread of contributing wavelengths (um)
+``CTX``                   int32 context planes (which images contributed)
+``WAVELENGTH``            table: ``INDEX``, ``LAMBDA``, ``LAMBDA_MIN``, ``LAMBDA_MAX``,
+                          ``DLAMBDA`` (um), ``NU``, ``DNU`` (Hz), ``R_EFF``
+``ATTRS``                 table ``SCOPE``, ``NAME``, ``VALUE`` (JSON): every attribute of the
+                          dataset, its variables and coordinates, for an exact round trip
+========================  ==========================================================
 
 ``SCI`` and ``VARIANCE`` carry the celestial TAN WCS of the grid on axes 1-2 and a
 spectral axis 3 (``WAVE`` or ``WAVE-LOG``, with the exact bin edges in
