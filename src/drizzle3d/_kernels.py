@@ -646,6 +646,21 @@ def drizzle_image(
     )  # fmt: skip
 
 
+@_jit
+def merge_blocks(acc, macc, other, mother):
+    """Add another cube's accumulator blocks into ``acc`` in one pass (sums added,
+    flag masks OR-ed; the AND mask is stored as its complement, so it is OR-ed too).
+
+    All four arrays are ``(n, N_FIELDS)`` views: ``macc``/``mother`` are int64 views
+    of ``acc``/``other``.
+    """
+    for n in range(acc.shape[0]):
+        for f in range(F_NAND):
+            acc[n, f] += other[n, f]
+        macc[n, F_NAND] |= mother[n, F_NAND]
+        macc[n, F_OR] |= mother[n, F_OR]
+
+
 # input pixels are visited in square tiles of this side, so that the output
 # voxels one tile writes stay in cache whatever the rotation of the map
 _TILE = 32

@@ -74,14 +74,6 @@ _FIELDS = {
     "or_mask": _kernels.F_OR,
 }
 _WAVE_FIELDS = ("sum_wl", "sum_wl2")
-_SUM_FIELDS = (
-    _kernels.F_WF,
-    _kernels.F_W,
-    _kernels.F_W2V,
-    _kernels.F_N,
-    _kernels.F_WL,
-    _kernels.F_WL2,
-)
 _SETTINGS = (
     "kernel",
     "pixfrac",
@@ -786,11 +778,9 @@ pixel_scale_ratio
                     f"begin_ctx_id={self._ctx_id} (or disable_ctx=True)."
                 )
         # validated: now combine
-        for k in _SUM_FIELDS:
-            self._acc[..., k] += other._acc[..., k]
-        mine, theirs = self._macc, other._macc
-        mine[..., _kernels.F_NAND] |= theirs[..., _kernels.F_NAND]
-        mine[..., _kernels.F_OR] |= theirs[..., _kernels.F_OR]
+        mine = self._acc.reshape(-1, _kernels.N_FIELDS)
+        theirs = other._acc.reshape(-1, _kernels.N_FIELDS)
+        _kernels.merge_blocks(mine, mine.view(np.int64), theirs, theirs.view(np.int64))
         if use_ctx and other._ctx.shape[0]:
             self._ensure_ctx_planes((other._ctx.shape[0] - 1) * CTX_PLANE_BITS)
             self._ctx[: other._ctx.shape[0]] |= other._ctx
