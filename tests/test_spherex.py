@@ -598,3 +598,22 @@ def test_shared_work_runs_every_task_and_propagates_errors():
         spx._share_work([lambda: None, boom])
     with pytest.raises(RuntimeError, match="task failed"):
         spx._share_work([boom, lambda: None])
+
+
+def test_header_cache_never_serves_a_replaced_file(qr2_file, tmp_path):
+    """Parsed headers are cached per file version: a file replaced in place reads anew."""
+    path = tmp_path / "exposure.fits"
+    shutil.copy(qr2_file, path)
+    first = spx.read_spherex(path)
+    with fits.open(qr2_file) as hdul:
+        hdul["IMAGE"].header["OBSID"] = "2030W01_1A_0001_1"
+        hdul["IMAGE"].data = hdul["IMAGE"].data + 1.0
+        hdul.writeto(tmp_path / "replacement.fits")
+    (tmp_path / "replacement.fits").replace(path)
+    second = spx.read_spherex(path)
+    assert second.meta["obsid"] == "2030W01_1A_0001_1"
+    assert first.meta["obsid"] != second.meta["obsid"]
+    np.testing.assert_array_equal(second.data, first.data + np.float32(1.0))
+    again = spx.read_spherex(path)  # served from the cache: same answer
+    assert again.meta["obsid"] == second.meta["obsid"]
+    np.testing.assert_array_equal(again.data, second.data)

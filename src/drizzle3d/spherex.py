@@ -35,6 +35,7 @@ import os
 import re
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -814,7 +815,9 @@ def _make_meta(hdr, fhdr, version, names, flags_compressed, path, shape) -> Sphe
         release=release,
         version=version,
         bunit=str(hdr.get("BUNIT", "")).strip(),
-        flags=flag_names(fhdr),
+        flags=dict(fhdr.derived("flags", flag_names))
+        if isinstance(fhdr, _Cards)
+        else flag_names(fhdr),
         parent_shape=tuple(shape),
     )
 
@@ -1118,6 +1121,15 @@ class _Cards(Mapping):
     def __init__(self, raw: dict[str, str]):
         self._raw = raw
         self._values: dict = {}
+        self._derived: dict = {}
+
+    def derived(self, name: str, compute):
+        """``compute(self)``, memoised under ``name`` (headers are cached per file)."""
+        try:
+            return self._derived[name]
+        except KeyError:
+            value = self._derived[name] = compute(self)
+            return value
 
     def __getitem__(self, key):
         key = key.upper()
@@ -1208,9 +1220,36 @@ def _read_header(fh) -> dict[str, str]:
     return raw
 
 
+# Parsed headers of recently read files, keyed by the file's identity and version
+# (device, inode, size, modification time): the pipeline reads each file's header, then
+# its box, and tiled runs read a file once per tile, so each file is parsed once.
+_SCAN_CACHE: OrderedDict = OrderedDict()
+_SCAN_CACHE_SIZE = 128
+_SCAN_LOCK = threading.Lock()
+
+
 def _scan(fh) -> list[_RawHdu]:
-    """The headers and data offsets of every HDU of an (uncompressed) open FITS file."""
-    size = os.fstat(fh.fileno()).st_size
+    """The headers and data offsets of every HDU of an (uncompressed) open FITS file.
+
+    Results are cached per file version (see ``_SCAN_CACHE``); parsed values are
+    memoised in the cached :class:`_Cards`, which callers only read.
+    """
+    st = os.fstat(fh.fileno())
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    with _SCAN_LOCK:
+        hit = _SCAN_CACHE.get(key)
+        if hit is not None:
+            _SCAN_CACHE.move_to_end(key)
+            return hit
+    hdus = _scan_uncached(fh, st.st_size)
+    with _SCAN_LOCK:
+        _SCAN_CACHE[key] = hdus
+        while len(_SCAN_CACHE) > _SCAN_CACHE_SIZE:
+            _SCAN_CACHE.popitem(last=False)
+    return hdus
+
+
+def _scan_uncached(fh, size: int) -> list[_RawHdu]:
     hdus: list[_RawHdu] = []
     pos = 0
     while pos < size:
@@ -1244,8 +1283,8 @@ def _fast_celestial_wcs(hdr: _Cards) -> WCS:
     of ~1 ms for astropy's header parser; anything else (CD matrices, ...) goes
     through the header parser with the same cards.
     """
-    keys = [k for k in hdr if _CEL_KEY.match(k)]
-    sip = {k: hdr[k] for k in hdr if _SIP_KEY.match(k)}
+    keys = hdr.derived("cel_keys", lambda h: [k for k in h if _CEL_KEY.match(k)])
+    sip = dict(hdr.derived("sip", lambda h: {k: h[k] for k in h if _SIP_KEY.match(k)}))
     if not all(_PLAIN_CEL.match(k) for k in keys) or int(hdr.get("WCSAXES", 2)) != 2:
         w = WCS(fits.Header.fromstring(hdr.text(_CEL_KEY)))
         return _attach_sip(w, sip)
