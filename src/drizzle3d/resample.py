@@ -148,6 +148,11 @@ class Drizzle3D:
     units : str
         Units of the input data, copied to the outputs' attributes.
 
+    Raises
+    ------
+    TypeError, ValueError
+        On a bad argument, naming it and what was expected.
+
     Notes
     -----
     **Units and scaling.** Inputs are surface brightness (SPHEREx images are
@@ -364,6 +369,22 @@ class Drizzle3D:
         ``and_mask`` (-1 where nothing landed), ``or_mask``, plus ``ctx``
         ``(nplanes, ny, nx)``, ``ctx_ids``, ``ctx_id``, ``n_images``,
         ``total_exptime``, ``wave_edges`` and ``settings``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from drizzle3d import Drizzle3D
+        >>> y, x = np.indices((4, 4), dtype=float)
+        >>> pixmap = np.dstack([x + 1, y + 1])
+        >>> wavemap = np.dstack([np.full((4, 4), 1.5), np.full((4, 4), 0.2)])  # band 1.4-1.6 um
+        >>> d = Drizzle3D(out_shape=(2, 6, 6), wave_edges=[1.0, 1.5, 2.0])
+        >>> d.add_image(np.full((4, 4), 3.0), np.ones((4, 4)), None, pixmap, wavemap)
+        (0, 0)
+        >>> st = d.state
+        >>> st["sum_w"].shape, st["n_images"]
+        ((2, 6, 6), 1)
+        >>> Drizzle3D(out_shape=(2, 6, 6), wave_edges=[1.0, 1.5, 2.0], state=st).n_images
+        1
         """
         st = {}
         for name in self._state_names():
@@ -498,6 +519,25 @@ class Drizzle3D:
         ------
         TypeError, ValueError
             On any bad argument; the object is then left unchanged.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from drizzle3d import Drizzle3D
+        >>> y, x = np.indices((4, 4), dtype=float)
+        >>> pixmap = np.dstack([x + 1, y + 1])
+        >>> wavemap = np.dstack([np.full((4, 4), 1.5), np.full((4, 4), 0.2)])  # band 1.4-1.6 um
+        >>> d = Drizzle3D(out_shape=(2, 6, 6), wave_edges=[1.0, 1.5, 2.0])
+        >>> d.add_image(np.full((4, 4), 3.0), np.ones((4, 4)), None, pixmap, wavemap)
+        (0, 0)
+        >>> d.n_images, float(d.out_sci[0, 2, 2])
+        (1, 3.0)
+        >>> d.add_image(np.ones((4, 4)), np.ones((5, 4)), None, pixmap, wavemap)
+        Traceback (most recent call last):
+        ...
+        ValueError: 'var' must have the shape of 'data' (4, 4); got (5, 4).
+        >>> d.n_images  # the rejected call changed nothing
+        1
         """
         if ctx_id is None:
             ctx_id = self._ctx_id
@@ -682,15 +722,36 @@ class Drizzle3D:
         ----------
         cube : array_like or xarray.DataArray, shape (nz, ny, nx)
             Finite values on this object's grid.
-        var, flags, pixmap, wavemap, weight_map, wht_scale, exptime, xmin, xmax, ymin, ymax, \
-pixel_scale_ratio
+        var, flags, pixmap, wavemap : array_like
             As for :meth:`add_image` (``var`` and ``flags`` set the weights).
+        weight_map, wht_scale, exptime, xmin, xmax, ymin, ymax, pixel_scale_ratio : optional
+            As for :meth:`add_image`.
 
         Returns
         -------
         numpy.ndarray
             float64, the shape of ``var``; zero outside the ``xmin..ymax`` box
             and for pixels that land nowhere.
+
+        Raises
+        ------
+        TypeError, ValueError
+            On a bad argument (as for :meth:`add_image`, and for a ``cube`` of
+            the wrong shape, type or with non-finite values).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from drizzle3d import Drizzle3D
+        >>> y, x = np.indices((4, 4), dtype=float)
+        >>> pixmap = np.dstack([x + 1, y + 1])
+        >>> wavemap = np.dstack([np.full((4, 4), 1.5), np.full((4, 4), 0.2)])  # band 1.4-1.6 um
+        >>> d = Drizzle3D(out_shape=(2, 6, 6), wave_edges=[1.0, 1.5, 2.0])
+        >>> d.add_image(np.full((4, 4), 3.0), np.ones((4, 4)), None, pixmap, wavemap)
+        (0, 0)
+        >>> c = d.transpose(np.ones((2, 6, 6)), np.ones((4, 4)), None, pixmap, wavemap)
+        >>> float(c[1, 1])  # weight 1 x area 1 x (half the band in each bin)
+        1.0
         """
         c = np.asarray(getattr(cube, "values", cube))
         if c.shape != self._shape:
@@ -743,10 +804,39 @@ pixel_scale_ratio
         two must not overlap (give the second ``begin_ctx_id`` past the first's
         ids), unless the context is disabled.
 
+        Parameters
+        ----------
+        other : Drizzle3D
+            A cube on the same grid with the same settings.
+
         Returns
         -------
         Drizzle3D
             ``self``, for chaining.
+
+        Raises
+        ------
+        TypeError
+            If ``other`` is not a :class:`Drizzle3D`.
+        ValueError
+            If the grids, settings or wavelength tracking differ, or context ids clash.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from drizzle3d import Drizzle3D
+        >>> y, x = np.indices((4, 4), dtype=float)
+        >>> pixmap = np.dstack([x + 1, y + 1])
+        >>> wavemap = np.dstack([np.full((4, 4), 1.5), np.full((4, 4), 0.2)])  # band 1.4-1.6 um
+        >>> d = Drizzle3D(out_shape=(2, 6, 6), wave_edges=[1.0, 1.5, 2.0])
+        >>> d.add_image(np.full((4, 4), 3.0), np.ones((4, 4)), None, pixmap, wavemap)
+        (0, 0)
+        >>> e = Drizzle3D(out_shape=(2, 6, 6), wave_edges=[1.0, 1.5, 2.0], begin_ctx_id=1)
+        >>> e.add_image(np.full((4, 4), 5.0), np.ones((4, 4)), None, pixmap, wavemap)
+        (0, 0)
+        >>> merged = d.merge(e)
+        >>> merged.n_images, float(merged.out_sci[0, 2, 2])
+        (2, 4.0)
         """
         if not isinstance(other, Drizzle3D):
             raise TypeError(f"'other' must be a Drizzle3D; got {type(other).__name__}.")
@@ -793,57 +883,155 @@ pixel_scale_ratio
     # --------------------------------------------------------------- outputs
     @property
     def kernel(self) -> str:
-        """Name of the spatial kernel."""
+        """Name of the spatial kernel.
+
+        Examples
+        --------
+        >>> from drizzle3d import Drizzle3D
+        >>> Drizzle3D(out_shape=(1, 2, 2), wave_edges=[1, 2], kernel="turbo").kernel
+        'turbo'
+        """
         return self._kernel
 
     @property
     def pixfrac(self) -> float:
-        """Spatial shrink factor."""
+        """Spatial shrink factor.
+
+        Examples
+        --------
+        >>> from drizzle3d import Drizzle3D
+        >>> Drizzle3D(out_shape=(1, 2, 2), wave_edges=[1, 2], pixfrac=0.5).pixfrac
+        0.5
+        """
         return self._pixfrac
 
     @property
     def wave_pixfrac(self) -> float:
-        """Spectral shrink factor."""
+        """Spectral shrink factor.
+
+        Examples
+        --------
+        >>> from drizzle3d import Drizzle3D
+        >>> Drizzle3D(out_shape=(1, 2, 2), wave_edges=[1, 2], wave_pixfrac=0.8).wave_pixfrac
+        0.8
+        """
         return self._wave_pixfrac
 
     @property
     def weighting(self) -> str:
-        """Weighting scheme."""
+        """Weighting scheme.
+
+        Examples
+        --------
+        >>> from drizzle3d import Drizzle3D
+        >>> Drizzle3D(out_shape=(1, 2, 2), wave_edges=[1, 2], weighting="uniform").weighting
+        'uniform'
+        """
         return self._weighting
 
     @property
     def fillval(self) -> float:
-        """Value of ``out_sci`` where no weight landed."""
+        """Value of ``out_sci`` where no weight landed.
+
+        Examples
+        --------
+        >>> from drizzle3d import Drizzle3D
+        >>> Drizzle3D(out_shape=(1, 2, 2), wave_edges=[1, 2], fillval=0.0).fillval
+        0.0
+        """
         return self._fillval
 
     @property
     def ctx_id(self) -> int:
-        """Context id the next image will get."""
+        """Context id the next image will get.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from drizzle3d import Drizzle3D
+        >>> y, x = np.indices((4, 4), dtype=float)
+        >>> pixmap = np.dstack([x + 1, y + 1])
+        >>> wavemap = np.dstack([np.full((4, 4), 1.5), np.full((4, 4), 0.2)])  # band 1.4-1.6 um
+        >>> d = Drizzle3D(out_shape=(2, 6, 6), wave_edges=[1.0, 1.5, 2.0])
+        >>> d.add_image(np.full((4, 4), 3.0), np.ones((4, 4)), None, pixmap, wavemap)
+        (0, 0)
+        >>> d.ctx_id
+        1
+        """
         return self._ctx_id
 
     @property
     def total_exptime(self) -> float:
-        """Sum of the exposure times of the images added."""
+        """Sum of the exposure times of the images added.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from drizzle3d import Drizzle3D
+        >>> y, x = np.indices((4, 4), dtype=float)
+        >>> pixmap = np.dstack([x + 1, y + 1])
+        >>> wavemap = np.dstack([np.full((4, 4), 1.5), np.full((4, 4), 0.2)])  # band 1.4-1.6 um
+        >>> d = Drizzle3D(out_shape=(2, 6, 6), wave_edges=[1.0, 1.5, 2.0])
+        >>> d.add_image(np.full((4, 4), 3.0), np.ones((4, 4)), None, pixmap, wavemap)
+        (0, 0)
+        >>> d.total_exptime
+        1.0
+        """
         return self._total_exptime
 
     @property
     def n_images(self) -> int:
-        """Number of images added."""
+        """Number of images added.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from drizzle3d import Drizzle3D
+        >>> y, x = np.indices((4, 4), dtype=float)
+        >>> pixmap = np.dstack([x + 1, y + 1])
+        >>> wavemap = np.dstack([np.full((4, 4), 1.5), np.full((4, 4), 0.2)])  # band 1.4-1.6 um
+        >>> d = Drizzle3D(out_shape=(2, 6, 6), wave_edges=[1.0, 1.5, 2.0])
+        >>> d.add_image(np.full((4, 4), 3.0), np.ones((4, 4)), None, pixmap, wavemap)
+        (0, 0)
+        >>> d.n_images
+        1
+        """
         return self._n_images
 
     @property
     def out_shape(self) -> tuple[int, int, int]:
-        """``(nz, ny, nx)`` of the cube."""
+        """``(nz, ny, nx)`` of the cube.
+
+        Examples
+        --------
+        >>> from drizzle3d import Drizzle3D
+        >>> Drizzle3D(out_shape=(2, 3, 4), wave_edges=[1, 2, 3]).out_shape
+        (2, 3, 4)
+        """
         return self._shape
 
     @property
     def wave_edges(self) -> np.ndarray:
-        """Wavelength bin edges (um), read-only."""
+        """Wavelength bin edges (um), read-only.
+
+        Examples
+        --------
+        >>> from drizzle3d import Drizzle3D
+        >>> Drizzle3D(out_shape=(2, 3, 4), wave_edges=[1, 2, 3]).wave_edges
+        array([1., 2., 3.])
+        """
         return self._edges
 
     @property
     def grid(self):
-        """The :class:`~drizzle3d.OutputGrid`, or None for a bare ``out_shape``."""
+        """The :class:`~drizzle3d.OutputGrid`, or None for a bare ``out_shape``.
+
+        Examples
+        --------
+        >>> from drizzle3d import Drizzle3D
+        >>> Drizzle3D(out_shape=(1, 2, 2), wave_edges=[1, 2]).grid is None
+        True
+        """
         return self._grid
 
     def _coords(self):
@@ -908,7 +1096,25 @@ pixel_scale_ratio
 
     @property
     def out_sci(self) -> xr.DataArray:
-        """Weighted mean surface brightness per voxel (``fillval`` where no weight)."""
+        """Weighted mean surface brightness per voxel (``fillval`` where no weight).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from drizzle3d import Drizzle3D
+        >>> y, x = np.indices((4, 4), dtype=float)
+        >>> pixmap = np.dstack([x + 1, y + 1])
+        >>> wavemap = np.dstack([np.full((4, 4), 1.5), np.full((4, 4), 0.2)])  # band 1.4-1.6 um
+        >>> d = Drizzle3D(out_shape=(2, 6, 6), wave_edges=[1.0, 1.5, 2.0])
+        >>> d.add_image(np.full((4, 4), 3.0), np.ones((4, 4)), None, pixmap, wavemap)
+        (0, 0)
+        >>> d.out_sci.dims
+        ('wavelength', 'y', 'x')
+        >>> float(d.out_sci.sel(wavelength=1.25)[2, 2])
+        3.0
+        >>> bool(np.isnan(d.out_sci[0, 0, 0]))
+        True
+        """
         return self._cube(
             "sci",
             self._ratio(self._field("sum_wf"), self._fillval),
@@ -918,7 +1124,21 @@ pixel_scale_ratio
 
     @property
     def out_var(self) -> xr.DataArray:
-        """Variance of ``out_sci`` for independent inputs (NaN where no weight)."""
+        """Variance of ``out_sci`` for independent inputs (NaN where no weight).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from drizzle3d import Drizzle3D
+        >>> y, x = np.indices((4, 4), dtype=float)
+        >>> pixmap = np.dstack([x + 1, y + 1])
+        >>> wavemap = np.dstack([np.full((4, 4), 1.5), np.full((4, 4), 0.2)])  # band 1.4-1.6 um
+        >>> d = Drizzle3D(out_shape=(2, 6, 6), wave_edges=[1.0, 1.5, 2.0])
+        >>> d.add_image(np.full((4, 4), 3.0), np.ones((4, 4)), None, pixmap, wavemap)
+        (0, 0)
+        >>> float(d.out_var[0, 2, 2])  # one input pixel of variance 1
+        1.0
+        """
         w = self._field("sum_w")
         out = np.full(w.shape, np.nan)
         np.divide(self._field("sum_w2v"), w * w, out=out, where=w != 0)
@@ -928,26 +1148,88 @@ pixel_scale_ratio
 
     @property
     def out_wht(self) -> xr.DataArray:
-        """Total weight per voxel: sum of w * a * f."""
+        """Total weight per voxel: sum of w * a * f.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from drizzle3d import Drizzle3D
+        >>> y, x = np.indices((4, 4), dtype=float)
+        >>> pixmap = np.dstack([x + 1, y + 1])
+        >>> wavemap = np.dstack([np.full((4, 4), 1.5), np.full((4, 4), 0.2)])  # band 1.4-1.6 um
+        >>> d = Drizzle3D(out_shape=(2, 6, 6), wave_edges=[1.0, 1.5, 2.0])
+        >>> d.add_image(np.full((4, 4), 3.0), np.ones((4, 4)), None, pixmap, wavemap)
+        (0, 0)
+        >>> [float(v) for v in d.out_wht[:, 2, 2]]  # half the band in each bin
+        [0.5, 0.5]
+        """
         return self._cube("wht", self._field("sum_w"), "", "total weight")
 
     @property
     def out_count(self) -> xr.DataArray:
-        """Number of input pixels that added weight to each voxel."""
+        """Number of input pixels that added weight to each voxel.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from drizzle3d import Drizzle3D
+        >>> y, x = np.indices((4, 4), dtype=float)
+        >>> pixmap = np.dstack([x + 1, y + 1])
+        >>> wavemap = np.dstack([np.full((4, 4), 1.5), np.full((4, 4), 0.2)])  # band 1.4-1.6 um
+        >>> d = Drizzle3D(out_shape=(2, 6, 6), wave_edges=[1.0, 1.5, 2.0])
+        >>> d.add_image(np.full((4, 4), 3.0), np.ones((4, 4)), None, pixmap, wavemap)
+        (0, 0)
+        >>> d.out_count[:, 2, 2].values.tolist()
+        [1, 1]
+        """
         return self._cube(
             "count", self._field("count").astype(np.int64), "", "contributing input pixels"
         )
 
     @property
     def out_mask(self) -> xr.DataArray:
-        """Bitwise AND of the flags of the input pixels that overlapped each voxel (0 if none)."""
+        """Bitwise AND of the flags of the input pixels that overlapped each voxel (0 if none).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from drizzle3d import Drizzle3D
+        >>> y, x = np.indices((4, 4), dtype=float)
+        >>> pixmap = np.dstack([x + 1, y + 1])
+        >>> wavemap = np.dstack([np.full((4, 4), 1.5), np.full((4, 4), 0.2)])  # band 1.4-1.6 um
+        >>> d = Drizzle3D(out_shape=(2, 6, 6), wave_edges=[1.0, 1.5, 2.0])
+        >>> d.add_image(np.full((4, 4), 3.0), np.ones((4, 4)), None, pixmap, wavemap)
+        (0, 0)
+        >>> e = Drizzle3D(out_shape=(2, 6, 6), wave_edges=[1.0, 1.5, 2.0])
+        >>> e.add_image(np.ones((4, 4)), np.ones((4, 4)), np.full((4, 4), 5), pixmap, wavemap)
+        (0, 0)
+        >>> int(e.out_mask[0, 2, 2]), int(e.out_mask[0, 0, 0])
+        (5, 0)
+        """
         a = self._field("and_mask")
         out = np.where(a < 0, 0, a).astype(np.uint32)
         return self._cube("and_mask", out, "", "bitwise AND of input flags")
 
     @property
     def out_or_mask(self) -> xr.DataArray:
-        """Bitwise OR of the flags of every input pixel that overlapped the voxel."""
+        """Bitwise OR of the flags of every input pixel that overlapped the voxel.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from drizzle3d import Drizzle3D
+        >>> y, x = np.indices((4, 4), dtype=float)
+        >>> pixmap = np.dstack([x + 1, y + 1])
+        >>> wavemap = np.dstack([np.full((4, 4), 1.5), np.full((4, 4), 0.2)])  # band 1.4-1.6 um
+        >>> d = Drizzle3D(out_shape=(2, 6, 6), wave_edges=[1.0, 1.5, 2.0])
+        >>> d.add_image(np.full((4, 4), 3.0), np.ones((4, 4)), None, pixmap, wavemap)
+        (0, 0)
+        >>> e = Drizzle3D(out_shape=(2, 6, 6), wave_edges=[1.0, 1.5, 2.0])
+        >>> e.add_image(np.ones((4, 4)), np.ones((4, 4)), np.full((4, 4), 6), pixmap, wavemap)
+        (0, 0)
+        >>> int(e.out_or_mask[1, 2, 2])
+        6
+        """
         return self._cube(
             "or_mask", self._field("or_mask").astype(np.uint32), "", "bitwise OR of input flags"
         )
@@ -960,8 +1242,28 @@ pixel_scale_ratio
     def out_wave(self) -> xr.DataArray:
         """Effective wavelength of each voxel (um, NaN where no weight).
 
-        The weight-averaged centroid of the overlap of each contributing
-        pixel's band with the bin, weighted exactly as its flux is.
+        The weighted mean wavelength of the contributions, weighted exactly as
+        their flux is: each contribution's band centre (``effective_wavelength=
+        "band"``, the default) or the centroid of its overlap with the bin
+        (``"overlap"``). See the class Notes.
+
+        Raises
+        ------
+        AttributeError
+            If the cube was built with ``track_wave=False``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from drizzle3d import Drizzle3D
+        >>> y, x = np.indices((4, 4), dtype=float)
+        >>> pixmap = np.dstack([x + 1, y + 1])
+        >>> wavemap = np.dstack([np.full((4, 4), 1.5), np.full((4, 4), 0.2)])  # band 1.4-1.6 um
+        >>> d = Drizzle3D(out_shape=(2, 6, 6), wave_edges=[1.0, 1.5, 2.0])
+        >>> d.add_image(np.full((4, 4), 3.0), np.ones((4, 4)), None, pixmap, wavemap)
+        (0, 0)
+        >>> float(d.out_wave[0, 2, 2])  # the band centre, where the value was measured
+        1.5
         """
         self._require_wave()
         return self._cube(
@@ -970,7 +1272,26 @@ pixel_scale_ratio
 
     @property
     def out_wave_spread(self) -> xr.DataArray:
-        """Weighted RMS spread of the wavelengths that contributed to each voxel (um)."""
+        """Weighted RMS spread of the wavelengths that contributed to each voxel (um).
+
+        Raises
+        ------
+        AttributeError
+            If the cube was built with ``track_wave=False``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from drizzle3d import Drizzle3D
+        >>> y, x = np.indices((4, 4), dtype=float)
+        >>> pixmap = np.dstack([x + 1, y + 1])
+        >>> wavemap = np.dstack([np.full((4, 4), 1.5), np.full((4, 4), 0.2)])  # band 1.4-1.6 um
+        >>> d = Drizzle3D(out_shape=(2, 6, 6), wave_edges=[1.0, 1.5, 2.0])
+        >>> d.add_image(np.full((4, 4), 3.0), np.ones((4, 4)), None, pixmap, wavemap)
+        (0, 0)
+        >>> round(float(d.out_wave_spread[0, 2, 2]), 4)  # a 0.2 um top-hat: 0.2 / sqrt(12)
+        0.0577
+        """
         self._require_wave()
         m1 = self._ratio(self._field("sum_wl"), np.nan)
         m2 = self._ratio(self._field("sum_wl2"), np.nan)
@@ -979,7 +1300,23 @@ pixel_scale_ratio
 
     @property
     def out_ctx(self) -> xr.DataArray:
-        """Context image: int32 planes (y, x); image id sets bit id % 32 of plane id // 32."""
+        """Context image: int32 planes (y, x); image id sets bit id % 32 of plane id // 32.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from drizzle3d import Drizzle3D
+        >>> y, x = np.indices((4, 4), dtype=float)
+        >>> pixmap = np.dstack([x + 1, y + 1])
+        >>> wavemap = np.dstack([np.full((4, 4), 1.5), np.full((4, 4), 0.2)])  # band 1.4-1.6 um
+        >>> d = Drizzle3D(out_shape=(2, 6, 6), wave_edges=[1.0, 1.5, 2.0])
+        >>> d.add_image(np.full((4, 4), 3.0), np.ones((4, 4)), None, pixmap, wavemap)
+        (0, 0)
+        >>> d.out_ctx.shape
+        (1, 6, 6)
+        >>> int(d.out_ctx[0, 2, 2])  # image 0 landed here
+        1
+        """
         return xr.DataArray(
             self._ctx.copy(),
             dims=("ctx_plane", "y", "x"),
@@ -992,7 +1329,28 @@ pixel_scale_ratio
         )
 
     def to_dataset(self) -> xr.Dataset:
-        """All outputs in one :class:`xarray.Dataset`."""
+        """All outputs in one :class:`xarray.Dataset`.
+
+        Returns
+        -------
+        xarray.Dataset
+            ``sci``, ``var``, ``wht``, ``count``, ``and_mask``, ``or_mask`` (and
+            ``wave``, ``wave_spread`` with ``track_wave``; ``ctx`` unless the
+            context is disabled) with the cubes' coordinates and attributes.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from drizzle3d import Drizzle3D
+        >>> y, x = np.indices((4, 4), dtype=float)
+        >>> pixmap = np.dstack([x + 1, y + 1])
+        >>> wavemap = np.dstack([np.full((4, 4), 1.5), np.full((4, 4), 0.2)])  # band 1.4-1.6 um
+        >>> d = Drizzle3D(out_shape=(2, 6, 6), wave_edges=[1.0, 1.5, 2.0])
+        >>> d.add_image(np.full((4, 4), 3.0), np.ones((4, 4)), None, pixmap, wavemap)
+        (0, 0)
+        >>> sorted(d.to_dataset().data_vars)  # doctest: +NORMALIZE_WHITESPACE
+        ['and_mask', 'count', 'ctx', 'or_mask', 'sci', 'var', 'wave', 'wave_spread', 'wht']
+        """
         data_vars = {
             "sci": self.out_sci,
             "var": self.out_var,
@@ -1066,6 +1424,13 @@ def decode_context(context, x, y) -> list[np.ndarray]:
     -------
     list of numpy.ndarray
         One sorted array of 0-based image ids per ``(x, y)`` pair.
+
+    Raises
+    ------
+    TypeError
+        If ``x`` or ``y`` are not integers.
+    ValueError
+        If ``context`` is not an integer image or ``(x, y)`` lies outside it.
 
     Examples
     --------
