@@ -163,6 +163,7 @@ COMPLETE_DOCSTRING_MODULES = [
     "drizzle3d.grid",
     "drizzle3d.pixmap",
     "drizzle3d.simulate",
+    "drizzle3d.spherex",
 ]
 # numpydoc.validate codes that must not occur: no docstring, undocumented or unknown parameters,
 # missing Returns / Yields, missing Examples

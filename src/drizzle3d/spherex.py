@@ -133,12 +133,24 @@ _SB2 = _SB**2
 class SpherexFileError(ValueError):
     """A SPHEREx file that cannot be read as a Level-2 spectral image.
 
-    Attributes
+    A ``ValueError`` subclass whose message names the file.
+
+    Parameters
     ----------
-    path : str
-        The offending file.
+    path : str or os.PathLike
+        The offending file (kept as ``str`` in the ``path`` attribute).
     problem : str
-        What is wrong with it.
+        What is wrong with it (kept in the ``problem`` attribute).
+
+    Examples
+    --------
+    >>> err = SpherexFileError("a.fits", "no such file.")
+    >>> str(err), err.problem, isinstance(err, ValueError)
+    ('a.fits: no such file.', 'no such file.', True)
+    >>> read_spherex("no/such/file.fits")
+    Traceback (most recent call last):
+    ...
+    drizzle3d.spherex.SpherexFileError: no/such/file.fits: no such file.
     """
 
     def __init__(self, path, problem: str):
@@ -148,7 +160,22 @@ class SpherexFileError(ValueError):
 
 
 class ZodiFitWarning(UserWarning):
-    """The zodi amplitude could not be fitted; 1.0 was used."""
+    """The zodi amplitude could not be fitted; 1.0 was used.
+
+    Issued by :func:`fit_zodi_scale` (and :func:`read_spherex` with
+    ``zodi="fit"``) when too few usable background pixels remain.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> import numpy as np
+    >>> flags = np.full((4, 4), 1)  # every pixel TRANSIENT: nothing left to fit
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     scale = fit_zodi_scale(np.ones((4, 4)), np.ones((4, 4)), flags, np.ones((4, 4)))
+    >>> scale[0], caught[0].category is ZodiFitWarning
+    (1.0, True)
+    """
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,7 +280,7 @@ class WaveTable:
     ``psi = cdelt * (p + 1 - crpix) + crval`` (FITS Paper III), i.e. the
     1-based parent-detector pixel for real files and cutouts.
 
-    Attributes
+    Parameters
     ----------
     x, y : numpy.ndarray
         Control points (float64, strictly increasing).
@@ -261,6 +288,17 @@ class WaveTable:
         ``(len(y), len(x), 2)`` wavelength and bandwidth (um), float64.
     crpix, crval, cdelt : tuple of float
         ``(x, y)`` values of ``CRPIXnW``, ``CRVALnW``, ``CDELTnW``.
+
+    Examples
+    --------
+    A 2 x 2 table whose wavelength grows by 1 um per 10 pixels along x:
+
+    >>> import numpy as np
+    >>> values = np.array([[[1.0, 0.1], [2.0, 0.1]], [[1.0, 0.1], [2.0, 0.1]]])
+    >>> t = WaveTable(np.array([1.0, 11.0]), np.array([1.0, 11.0]), values,
+    ...               (1.0, 1.0), (1.0, 1.0), (1.0, 1.0))
+    >>> t.evaluate(5, 0).tolist()
+    [1.5, 0.1]
     """
 
     x: np.ndarray
@@ -271,7 +309,28 @@ class WaveTable:
     cdelt: tuple
 
     def shifted(self, x0: int, y0: int) -> WaveTable:
-        """The table for a sub-image whose pixel (0, 0) is this image's ``(x0, y0)``."""
+        """The table for a sub-image whose pixel (0, 0) is this image's ``(x0, y0)``.
+
+        Parameters
+        ----------
+        x0, y0 : int
+            0-based position in this image of the sub-image's first pixel.
+
+        Returns
+        -------
+        WaveTable
+            The same control points with ``crpix`` moved by ``(-x0, -y0)``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> values = np.array([[[1.0, 0.1], [2.0, 0.1]], [[1.0, 0.1], [2.0, 0.1]]])
+        >>> t = WaveTable(np.array([1.0, 11.0]), np.array([1.0, 11.0]), values,
+        ...               (1.0, 1.0), (1.0, 1.0), (1.0, 1.0))
+        >>> sub = t.shifted(5, 0)
+        >>> sub.crpix, sub.evaluate(0, 0).tolist() == t.evaluate(5, 0).tolist()
+        ((-4.0, 1.0), True)
+        """
         return WaveTable(
             self.x,
             self.y,
@@ -283,7 +342,22 @@ class WaveTable:
 
     @property
     def parent_origin(self) -> tuple[float, float]:
-        """0-based parent-detector ``(x, y)`` of this image's pixel (0, 0) (CDELT 1 assumed)."""
+        """0-based parent-detector ``(x, y)`` of this image's pixel (0, 0) (CDELT 1 assumed).
+
+        Returns
+        -------
+        tuple of float
+            ``(x, y)`` on the parent detector.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> values = np.zeros((2, 2, 2))
+        >>> t = WaveTable(np.array([1.0, 11.0]), np.array([1.0, 11.0]), values,
+        ...               (1.0, 1.0), (1.0, 1.0), (1.0, 1.0))
+        >>> t.parent_origin, t.shifted(3, 7).parent_origin
+        ((0.0, 0.0), (3.0, 7.0))
+        """
         return (
             self.crval[0] - self.crpix[0] * self.cdelt[0] + self.cdelt[0] - 1.0,
             self.crval[1] - self.crpix[1] * self.cdelt[1] + self.cdelt[1] - 1.0,
@@ -303,8 +377,27 @@ class WaveTable:
     def evaluate(self, x, y) -> np.ndarray:
         """Wavelength and bandwidth (um) at 0-based pixels ``(x, y)`` (any broadcastable shapes).
 
-        Returns an array of shape ``broadcast(x, y).shape + (2,)``; NaN outside
-        the table.
+        Bilinear interpolation between the control points.
+
+        Parameters
+        ----------
+        x, y : array_like
+            0-based pixel positions in this image (broadcast against each other).
+
+        Returns
+        -------
+        numpy.ndarray
+            float64 of shape ``broadcast(x, y).shape + (2,)``: wavelength and
+            bandwidth (um); NaN outside the table.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> values = np.array([[[1.0, 0.1], [2.0, 0.1]], [[1.0, 0.1], [2.0, 0.1]]])
+        >>> t = WaveTable(np.array([1.0, 11.0]), np.array([1.0, 11.0]), values,
+        ...               (1.0, 1.0), (1.0, 1.0), (1.0, 1.0))
+        >>> t.evaluate([0, 10, 20], 0)[:, 0].tolist()
+        [1.0, 2.0, nan]
         """
         x, y = np.broadcast_arrays(np.asarray(x, float), np.asarray(y, float))
         ix, tx, ox = self._axis(x, 0)
@@ -327,6 +420,22 @@ class WaveTable:
             ``(ny, nx)``.
         origin : tuple of int, optional
             ``(y0, x0)`` of the box in this image's pixels.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(ny, nx, 2)`` wavelength and bandwidth (um), equal to
+            :meth:`evaluate` on the box's pixel grid.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> values = np.array([[[1.0, 0.1], [2.0, 0.1]], [[1.0, 0.1], [2.0, 0.1]]])
+        >>> t = WaveTable(np.array([1.0, 11.0]), np.array([1.0, 11.0]), values,
+        ...               (1.0, 1.0), (1.0, 1.0), (1.0, 1.0))
+        >>> m = t.wavemap((2, 3), origin=(0, 4))
+        >>> m.shape, m[0, :, 0].tolist()
+        ((2, 3, 2), [1.4, 1.5, 1.6])
         """
         ny, nx = (int(n) for n in shape)
         y0, x0 = origin
@@ -492,12 +601,18 @@ def _make_wave_table(xs, ys, vals, header, path, extname) -> WaveTable:
 class SpherexMeta:
     """Header metadata of a SPHEREx exposure (also readable as ``meta["detector"]``).
 
-    Attributes
+    Built by :func:`read_spherex`; every parameter is kept as an attribute.
+
+    Parameters
     ----------
     path : str
+        The file read.
     detector : int
+        ``DETECTOR`` (1..6).
     obsid : str or None
+        ``OBSID``.
     mjd_beg, mjd_end, mjd_mid : float or None
+        Start, end and middle of the exposure (MJD).
     exptime : float or None
         ``XPOSURE`` (s).
     psf_fwhm : float or None
@@ -517,6 +632,15 @@ class SpherexMeta:
         Zodi amplitude subtracted from ``data`` (None: not subtracted).
     zodi_scale_err : float or None
         Its 1-sigma uncertainty (0 for static subtraction).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from drizzle3d.simulate import simulate_field
+    >>> f = simulate_field(tempfile.mkdtemp(), n_exposures=1, shape=(32, 32))
+    >>> meta = read_spherex(f.paths[0]).meta
+    >>> meta.detector, meta["release"], meta.parent_shape, meta.flags["SOURCE"]
+    (3, 'qr2', (32, 32), 21)
     """
 
     path: str
@@ -546,7 +670,13 @@ class SpherexMeta:
 class SpherexImage:
     """One SPHEREx Level-2 exposure (or a box of it), read by :func:`read_spherex`.
 
-    Attributes
+    Every parameter is kept as an attribute of the same name. The attribute
+    ``spectral_wcs`` is the ``W`` WCS (wavelength, bandwidth in um) with SIP
+    removed, shifted to ``bbox``; it is built by astropy on first access when the
+    file was read by the fast path (:meth:`wavemap` never needs it: it evaluates
+    the table directly).
+
+    Parameters
     ----------
     data : numpy.ndarray
         float32 ``(ny, nx)`` surface brightness, MJy/sr (zodi subtracted if asked).
@@ -558,10 +688,6 @@ class SpherexImage:
         float32 zodi model (MJy/sr) as in the file (unscaled).
     wcs : astropy.wcs.WCS
         Celestial TAN-SIP WCS of these pixels (shifted to ``bbox``).
-    spectral_wcs : astropy.wcs.WCS
-        The ``W`` WCS (wavelength, bandwidth in um) with SIP removed, shifted to ``bbox``.
-        Built by astropy on first access when the file was read by the fast path
-        (:meth:`wavemap` never needs it: it evaluates the table directly).
     meta : SpherexMeta
     bbox : tuple of int
         ``(ymin, ymax, xmin, xmax)`` read, half-open, in the file's pixels.
@@ -569,6 +695,17 @@ class SpherexImage:
         The ``-TAB`` table, shifted to these pixels.
     calibration : str or None
         Spectral-WCS calibration file used by :meth:`wavemap` by default.
+    _spectral : astropy.wcs.WCS or None, optional
+        Internal: the ``W`` WCS, or what the fast reader keeps to build it.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from drizzle3d.simulate import simulate_field
+    >>> f = simulate_field(tempfile.mkdtemp(), n_exposures=1, shape=(32, 32))
+    >>> im = read_spherex(f.paths[0], bbox=(0, 8, 4, 20))
+    >>> im.shape, im.data.dtype.name, im.bbox, im.meta.detector
+    ((8, 16), 'float32', (0, 8, 4, 20), 3)
     """
 
     data: np.ndarray
@@ -590,7 +727,21 @@ class SpherexImage:
 
     @property
     def shape(self) -> tuple[int, int]:
-        """``(ny, nx)``."""
+        """``(ny, nx)`` of the pixels read.
+
+        Returns
+        -------
+        tuple of int
+            ``data.shape``.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> from drizzle3d.simulate import simulate_field
+        >>> f = simulate_field(tempfile.mkdtemp(), n_exposures=1, shape=(32, 32))
+        >>> read_spherex(f.paths[0], bbox=(2, 5, 0, 32)).shape
+        (3, 32)
+        """
         return self.data.shape
 
     def wavemap(self, calibration=None) -> np.ndarray:
@@ -601,6 +752,25 @@ class SpherexImage:
         calibration : str or os.PathLike, optional
             A spectral-WCS calibration file with ``CWAVE``/``CBAND``; default the
             one given to :func:`read_spherex`, else the ``WCS-WAVE`` table.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(ny, nx, 2)`` float64: central wavelength and bandwidth (um) per pixel.
+
+        Raises
+        ------
+        SpherexFileError
+            If the calibration file is missing, unreadable or lacks this detector.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> from drizzle3d.simulate import simulate_field
+        >>> f = simulate_field(tempfile.mkdtemp(), n_exposures=1, shape=(32, 32))
+        >>> wm = read_spherex(f.paths[0]).wavemap()
+        >>> wm.shape, bool(0.7 < wm[..., 0].min() < wm[..., 0].max() < 5.1)
+        ((32, 32, 2), True)
         """
         cal = calibration if calibration is not None else self.calibration
         if cal is not None:
@@ -610,7 +780,33 @@ class SpherexImage:
         return self.wave_table.wavemap(self.shape)
 
     def exclude_mask(self, names=DEFAULT_EXCLUDE_FLAGS) -> np.ndarray:
-        """Boolean mask of pixels carrying any of the flag ``names`` (bits from this file)."""
+        """Boolean mask of pixels carrying any of the flag ``names`` (bits from this file).
+
+        Parameters
+        ----------
+        names : sequence of str, optional
+            Flag names (case-insensitive); default :data:`DEFAULT_EXCLUDE_FLAGS`.
+
+        Returns
+        -------
+        numpy.ndarray
+            bool, ``shape``: True where any of the flags is set.
+
+        Raises
+        ------
+        ValueError, TypeError
+            If a name is not a known flag of this file (see :func:`flag_bits`).
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> from drizzle3d.simulate import simulate_field
+        >>> f = simulate_field(tempfile.mkdtemp(), n_exposures=1, shape=(32, 32))
+        >>> im = read_spherex(f.paths[0])
+        >>> mask = im.exclude_mask(["HOT"])
+        >>> mask.shape, bool((mask == ((im.flags & (1 << 10)) != 0)).all())
+        ((32, 32), True)
+        """
         return (self.flags & flag_bits(names, self.meta.flags)) != 0
 
 
@@ -1619,7 +1815,28 @@ def _read_astropy(path, bbox):
 
 
 class ImageHeader(NamedTuple):
-    """Header-level facts of a Level-2 file (see :func:`read_header_wcs`)."""
+    """Header-level facts of a Level-2 file (see :func:`read_header_wcs`).
+
+    Parameters
+    ----------
+    wcs : astropy.wcs.WCS
+        Celestial (TAN-SIP) WCS of the ``IMAGE`` HDU.
+    shape : tuple of int
+        ``(ny, nx)`` of the image.
+    detector : int
+        ``DETECTOR`` (1..6).
+    obsid : str or None
+        ``OBSID`` (None when absent).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from drizzle3d.simulate import simulate_field
+    >>> f = simulate_field(tempfile.mkdtemp(), n_exposures=1, shape=(32, 32))
+    >>> h = read_header_wcs(f.paths[0])
+    >>> h.shape, h.detector, h.obsid, h.wcs.celestial.naxis
+    ((32, 32), 3, '2026W10_1A_0000_1', 2)
+    """
 
     #: Celestial (TAN-SIP) WCS of the ``IMAGE`` HDU.
     wcs: WCS
