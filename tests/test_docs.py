@@ -161,6 +161,7 @@ def test_guide_page_doctests():
 COMPLETE_DOCSTRING_MODULES = [
     "drizzle3d.archive",
     "drizzle3d.grid",
+    "drizzle3d.io",
     "drizzle3d.pixmap",
     "drizzle3d.simulate",
     "drizzle3d.spherex",

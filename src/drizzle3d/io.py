@@ -288,6 +288,19 @@ def load_cube(path: str | os.PathLike, format: str | None = None) -> xr.Dataset:
         If ``path`` does not exist.
     ValueError
         If the format is unknown or a FITS file lacks the cube layout.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> from drizzle3d import Drizzle3D
+    >>> d = Drizzle3D(out_shape=(2, 4, 6), wave_edges=[1.0, 1.5, 2.0])
+    >>> ds = load_cube(save_cube(d, os.path.join(tempfile.mkdtemp(), "cube.fits")))
+    >>> ds.sci.dims, ds.sci.shape, ds.wavelength.values.tolist()
+    (('wavelength', 'y', 'x'), (2, 4, 6), [1.25, 1.75])
+    >>> load_cube("no-such-cube.nc")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: 'path' must be an existing cube; got 'no-such-cube.nc'.
     """
     path = Path(path)
     if not path.exists():
@@ -535,6 +548,23 @@ def fits_wcs(path: str | os.PathLike):
     -------
     astropy.wcs.WCS
         Axes (RA, Dec, wavelength in um).
+
+    Raises
+    ------
+    OSError
+        (from astropy) if ``path`` is missing or not a FITS file.
+    KeyError
+        If it has no ``SCI`` extension.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> from drizzle3d import Drizzle3D
+    >>> from drizzle3d.grid import OutputGrid, SpatialGrid, SpectralGrid
+    >>> g = OutputGrid(SpatialGrid.from_center(150.0, 2.0, 1.0, 1.0), SpectralGrid.native(3))
+    >>> w = fits_wcs(save_cube(Drizzle3D(g), os.path.join(tempfile.mkdtemp(), "c.fits")))
+    >>> w.naxis, list(w.wcs.ctype)
+    (3, ['RA---TAN', 'DEC--TAN', 'WAVE'])
     """
     from astropy.io import fits
     from astropy.wcs import WCS
@@ -655,6 +685,17 @@ def load_state(path: str | os.PathLike):
         If ``path`` does not exist.
     ValueError
         If ``path`` is not a drizzle3d state store.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> from drizzle3d import Drizzle3D
+    >>> from drizzle3d.grid import OutputGrid, SpatialGrid, SpectralGrid
+    >>> g = OutputGrid(SpatialGrid.from_center(150.0, 2.0, 1.0, 1.0), SpectralGrid.native(3))
+    >>> store = os.path.join(tempfile.mkdtemp(), "c.state.zarr")
+    >>> d, meta = load_state(save_state(Drizzle3D(g), store, meta={"run": 1}))
+    >>> d.out_shape == g.shape, meta
+    (True, {'run': 1})
     """
     import zarr
 
@@ -709,6 +750,20 @@ def init_tiled_store(
     -------
     pathlib.Path
         The store.
+
+    Raises
+    ------
+    FileExistsError
+        (from xarray/zarr) if ``path`` already exists.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np, xarray as xr
+    >>> template = xr.Dataset({"sci": (("wavelength", "y", "x"), np.zeros((2, 4, 6)))})
+    >>> store = init_tiled_store(os.path.join(tempfile.mkdtemp(), "m.zarr"), template, (4, 3))
+    >>> xr.open_zarr(store, consolidated=False).sci.encoding["chunks"]
+    (2, 4, 3)
     """
     path = Path(path)
     ty, tx = (int(v) for v in tile_shape)
@@ -734,6 +789,24 @@ def write_tile(path: str | os.PathLike, tile: xr.Dataset, y0: int, x0: int) -> N
         The tile's variables (dims as in the store; ``y``/``x`` sized like the tile).
     y0, x0 : int
         Position of the tile's first pixel in the mosaic.
+
+    Raises
+    ------
+    ValueError
+        (from xarray) if it rejects the region: tiles must match the store's
+        variables and lie on its chunk grid (the same ``tile_shape``).
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np, xarray as xr
+    >>> template = xr.Dataset({"sci": (("wavelength", "y", "x"), np.zeros((2, 4, 6)))})
+    >>> store = init_tiled_store(os.path.join(tempfile.mkdtemp(), "m.zarr"), template, (4, 3))
+    >>> tile = xr.Dataset({"sci": (("wavelength", "y", "x"), np.full((2, 4, 3), 7.0))})
+    >>> write_tile(store, tile, 0, 3)
+    >>> cube = xr.open_zarr(store, consolidated=False)
+    >>> cube.sci.isel(x=slice(3, 6)).values.tolist() == tile.sci.values.tolist()
+    True
     """
     keep = [n for n in tile.data_vars if "y" in tile[n].dims]
     ds = tile[keep].drop_vars(list(tile.coords), errors="ignore")
