@@ -151,7 +151,33 @@ class _Section:
 
 @dataclass(frozen=True)
 class RegionConfig(_Section):
-    """Sky region: centre (deg), width and height (arcmin), rotation (deg E of N)."""
+    """Sky region: centre (deg), width and height (arcmin), rotation (deg E of N).
+
+    Parameters
+    ----------
+    ra, dec : float, optional
+        Centre (deg).
+    width : float, optional
+        Size along x (arcmin, > 0).
+    height : float or None, optional
+        Size along y (arcmin, > 0); default ``width``.
+    rotation : float, optional
+        Position angle of +y (deg east of north).
+
+    Raises
+    ------
+    ValueError, TypeError
+        If a value is not a number or out of range (the message names the key).
+
+    Examples
+    --------
+    >>> RegionConfig(ra=10.0, dec=-45.0, width=4.0)
+    RegionConfig(ra=10.0, dec=-45.0, width=4.0, height=4.0, rotation=0.0)
+    >>> RegionConfig(width=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: 'region.width' must be > 0; got 0.0.
+    """
 
     ra: float = 150.0
     dec: float = 2.0
@@ -171,7 +197,36 @@ class RegionConfig(_Section):
 
 @dataclass(frozen=True)
 class SpectralConfig(_Section):
-    """Spectral grid: ``native``, ``oversampled`` (``factor``), ``constant_r`` or ``edges``."""
+    """Spectral grid: ``native``, ``oversampled`` (``factor``), ``constant_r`` or ``edges``.
+
+    Parameters
+    ----------
+    mode : {"native", "oversampled", "constant_r", "edges"}, optional
+        How the wavelength bins are made (see :meth:`build`).
+    factor : float, optional
+        ``oversampled``: bins per native channel width.
+    resolving_power : float, optional
+        ``constant_r``: ``lambda / dlambda`` of every bin.
+    lam_min, lam_max : float or None, optional
+        ``constant_r`` range (um); default the detector's.
+    edges : sequence of float or None, optional
+        ``edges``: explicit, strictly increasing bin edges (um).
+
+    Raises
+    ------
+    ValueError, TypeError
+        On an unknown mode, a bad number, non-increasing edges, or
+        ``mode="edges"`` without edges.
+
+    Examples
+    --------
+    >>> SpectralConfig(mode="edges", edges=[1.7, 1.8, 1.9]).edges
+    (1.7, 1.8, 1.9)
+    >>> SpectralConfig(mode="edges")
+    Traceback (most recent call last):
+    ...
+    ValueError: 'spectral.edges' must be given when spectral.mode is 'edges'; got null.
+    """
 
     mode: str = "native"
     factor: float = 2.0
@@ -211,7 +266,28 @@ class SpectralConfig(_Section):
             )
 
     def build(self, detector: int):
-        """Return the :class:`~drizzle3d.grid.SpectralGrid` for ``detector``."""
+        """Return the :class:`~drizzle3d.grid.SpectralGrid` for ``detector``.
+
+        Parameters
+        ----------
+        detector : int
+            SPHEREx detector, 1..6 (sets the native channels and default range).
+
+        Returns
+        -------
+        drizzle3d.grid.SpectralGrid
+            The wavelength bins of that detector's cube.
+
+        Examples
+        --------
+        >>> g = SpectralConfig(mode="edges", edges=[1.7, 1.8, 1.9]).build(3)
+        >>> g.edges.tolist()
+        [1.7, 1.8, 1.9]
+        >>> import numpy as np
+        >>> r40 = SpectralConfig(mode="constant_r", resolving_power=40.0).build(1)
+        >>> float(r40.edges[0]), bool(np.allclose(r40.resolving_power, 40.0))
+        (0.743, True)
+        """
         from drizzle3d.channels import detector_range
         from drizzle3d.grid import SpectralGrid
 
@@ -227,7 +303,41 @@ class SpectralConfig(_Section):
 
 @dataclass(frozen=True)
 class DrizzleConfig(_Section):
-    """Drizzle settings (see :class:`drizzle3d.Drizzle3D` and :func:`drizzle_files`)."""
+    """Drizzle settings (see :class:`drizzle3d.Drizzle3D` and :func:`drizzle_files`).
+
+    Parameters
+    ----------
+    kernel : str, optional
+        One of ``square``, ``turbo``, ``point``, ``gaussian``, ``lanczos2``,
+        ``lanczos3``, ``bilinear``.
+    pixfrac, wave_pixfrac : float, optional
+        Spatial and spectral drop shrink factors, in (0, 1].
+    weighting : {"background", "ivm", "exptime", "uniform"}, optional
+        Weight of each input pixel.
+    ivar_max : float, optional
+        Cap on inverse-variance weights (``ivm``); default no cap.
+    min_overlap : float, optional
+        Drop voxel overlaps below this fraction of a pixel's volume, in [0, 1).
+    exclude_flags : sequence of str, optional
+        Flag names whose pixels are not drizzled (upper-cased; SOURCE is kept
+        by default).
+    zodi : {"none", "static", "fit"}, optional
+        Zodiacal-light subtraction.
+
+    Raises
+    ------
+    ValueError, TypeError
+        On an unknown choice or flag name, or a number out of range.
+
+    Examples
+    --------
+    >>> DrizzleConfig(kernel="Turbo", exclude_flags=["hot", "cold"]).exclude_flags
+    ('HOT', 'COLD')
+    >>> DrizzleConfig(pixfrac=1.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: 'drizzle.pixfrac' must be <= 1; got 1.5.
+    """
 
     kernel: str = "square"
     pixfrac: float = 1.0
@@ -283,6 +393,32 @@ class OutliersConfig(_Section):
 
     ``snr`` and ``scale`` are the (first pass, second pass) thresholds of
     drizzlepac's ``driz_cr``; ``grow`` dilates the flagged pixels.
+
+    Parameters
+    ----------
+    enabled : bool, optional
+        Run outlier rejection.
+    snr : float or pair of float, optional
+        Signal-to-noise thresholds (first, second pass); one number is used twice.
+    scale : float or pair of float, optional
+        Derivative scales (first, second pass).
+    grow : int, optional
+        Dilate flagged pixels by this many pixels (>= 0).
+
+    Raises
+    ------
+    ValueError, TypeError
+        On a value that is not a boolean, a pair of non-negative numbers or a
+        non-negative integer.
+
+    Examples
+    --------
+    >>> OutliersConfig(enabled=True, snr=4.0).snr
+    (4.0, 4.0)
+    >>> OutliersConfig(grow=-1)
+    Traceback (most recent call last):
+    ...
+    ValueError: 'outliers.grow' must be >= 0; got -1.
     """
 
     enabled: bool = False
@@ -306,7 +442,35 @@ class OutliersConfig(_Section):
 
 @dataclass(frozen=True)
 class InputsConfig(_Section):
-    """Input selection: ``files``, a ``glob``, or an archive ``query`` (with a ``mirror`` root)."""
+    """Input selection: ``files``, a ``glob``, or an archive ``query`` (with a ``mirror`` root).
+
+    Parameters
+    ----------
+    files : sequence of str or os.PathLike, optional
+        Level-2 files.
+    glob : str or None, optional
+        A glob pattern (``**`` allowed) naming the files.
+    mirror : str or None, optional
+        Local copy of the IRSA tree, used instead of downloads.
+    query : dict or None, optional
+        An archive query: ``mjd_range`` ([start, end]), ``max_images`` (>= 1),
+        ``releases``.
+
+    Raises
+    ------
+    ValueError, TypeError
+        If more than one of ``files``, ``glob`` and ``query`` is given, or a
+        value or query key is invalid.
+
+    Examples
+    --------
+    >>> InputsConfig(files=["a.fits", "b.fits"]).files
+    ('a.fits', 'b.fits')
+    >>> InputsConfig(files=["a.fits"], glob="*.fits")
+    Traceback (most recent call last):
+    ...
+    ValueError: 'inputs' must use one of files, glob or query; got ['files', 'glob'].
+    """
 
     files: tuple = ()
     glob: str | None = None
@@ -348,7 +512,29 @@ class _QueryKeys:
 
 @dataclass(frozen=True)
 class DownloadConfig(_Section):
-    """Archive downloads: destination, ``full`` files or ``cutout``, parallel workers."""
+    """Archive downloads: destination, ``full`` files or ``cutout``, parallel workers.
+
+    Parameters
+    ----------
+    dest : str or os.PathLike, optional
+        Download directory.
+    mode : {"cutout", "full"}, optional
+        IRSA cutouts of the region, or whole files.
+    workers : int, optional
+        Parallel downloads (>= 1).
+    overwrite : bool, optional
+        Download again files that are already present.
+
+    Raises
+    ------
+    ValueError, TypeError
+        On an unknown mode or a bad value.
+
+    Examples
+    --------
+    >>> DownloadConfig(mode="FULL", workers=2)
+    DownloadConfig(dest='spherex_data', mode='full', workers=2, overwrite=False)
+    """
 
     dest: str = "spherex_data"
     mode: str = "cutout"
@@ -365,7 +551,40 @@ class DownloadConfig(_Section):
 
 @dataclass(frozen=True)
 class OutputConfig(_Section):
-    """Output directory, file prefix, formats and overwrite policy."""
+    """Output directory, file prefix, formats and overwrite policy.
+
+    Parameters
+    ----------
+    directory : str or os.PathLike, optional
+        Where cubes are written.
+    prefix : str, optional
+        File stem: cubes are ``<prefix>_D<n>.<ext>``.
+    formats : str or sequence of str, optional
+        Any of ``fits``, ``netcdf``, ``zarr``.
+    overwrite : bool, optional
+        Replace existing cubes.
+    update : bool, optional
+        Keep the accumulator state (``<prefix>_D<n>.state.zarr``) and, when it
+        exists, add only the images not yet in the cube.
+    checkpoint_every : int, optional
+        Save that state every N images (0: at the end).
+    tile_size : int or None, optional
+        Drizzle tile by tile (>= 8 pixels) into one tile-chunked zarr store.
+
+    Raises
+    ------
+    ValueError, TypeError
+        On an empty or path-like prefix, an unknown format or a bad value.
+
+    Examples
+    --------
+    >>> OutputConfig(formats="netcdf").formats
+    ('netcdf',)
+    >>> OutputConfig(prefix="a/b")
+    Traceback (most recent call last):
+    ...
+    ValueError: 'output.prefix' must be a non-empty file stem; got 'a/b'.
+    """
 
     directory: str = "drizzle3d_out"
     prefix: str = "cube"
@@ -426,6 +645,22 @@ class Drizzle3DConfig:
         ``"threads"`` (default when null) or ``"processes"`` for a local pool,
         ``"local"`` for a dask ``LocalCluster``, or a dask scheduler address
         (``"tcp://host:8786"``).
+
+    Raises
+    ------
+    ValueError, TypeError
+        On bad detectors, pixel scale, workers or scheduler (sections validate
+        their own keys when built).
+
+    Examples
+    --------
+    >>> c = Drizzle3DConfig(detectors=["D1", 3, 3], pixel_scale=3.0)
+    >>> c.detectors, c.region.width, c.drizzle.kernel
+    ((1, 3), 30.0, 'square')
+    >>> Drizzle3DConfig(detectors=[7])
+    Traceback (most recent call last):
+    ...
+    ValueError: 'detectors' must be a list of 1..6 or 'all'; got 7.
     """
 
     region: RegionConfig = field(default_factory=RegionConfig)
@@ -479,11 +714,44 @@ class Drizzle3DConfig:
     # -- derived ----------------------------------------------------------
 
     def detector_list(self) -> list[int]:
-        """Return the detectors to build."""
+        """Return the detectors to build.
+
+        Returns
+        -------
+        list of int
+            Sorted, without duplicates.
+
+        Examples
+        --------
+        >>> Drizzle3DConfig(detectors="all").detector_list()
+        [1, 2, 3, 4, 5, 6]
+        """
         return list(self.detectors)
 
     def grid(self, detector: int):
-        """Return the :class:`~drizzle3d.grid.OutputGrid` of one detector's cube."""
+        """Return the :class:`~drizzle3d.grid.OutputGrid` of one detector's cube.
+
+        Parameters
+        ----------
+        detector : int
+            SPHEREx detector, 1..6.
+
+        Returns
+        -------
+        drizzle3d.grid.OutputGrid
+            The region's spatial grid at ``pixel_scale`` and the detector's
+            spectral grid (:meth:`SpectralConfig.build`).
+
+        Examples
+        --------
+        >>> c = Drizzle3DConfig.from_dict({
+        ...     "region": {"width": 1.0},  # arcmin: 10 pixels of 6 arcsec
+        ...     "pixel_scale": 6.0,
+        ...     "spectral": {"mode": "edges", "edges": [1.7, 1.8, 1.9]},
+        ... })
+        >>> c.grid(3).shape
+        (2, 10, 10)
+        """
         from drizzle3d.grid import OutputGrid, SpatialGrid
 
         r = self.region
@@ -501,6 +769,12 @@ class Drizzle3DConfig:
         -------
         dict
             Nested sections plus ``detectors``, ``pixel_scale``, ``workers``.
+
+        Examples
+        --------
+        >>> d = Drizzle3DConfig().to_dict()
+        >>> d["detectors"], d["region"]["width"], d["output"]["formats"]
+        ([3], 30.0, ['fits'])
         """
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
@@ -531,6 +805,15 @@ class Drizzle3DConfig:
         ValueError, TypeError
             On an unknown key (named, with the allowed keys) or a bad value
             (named, with the allowed values).
+
+        Examples
+        --------
+        >>> Drizzle3DConfig.from_dict({"drizzle": {"pixfrac": 0.5}}).drizzle.pixfrac
+        0.5
+        >>> Drizzle3DConfig.from_dict({"drizzle": {"pixfrak": 0.5}})
+        Traceback (most recent call last):
+        ...
+        ValueError: 'drizzle.pixfrak' is not a known key; allowed keys are [...].
         """
         d = _check_keys("", data, cls)
         kwargs = {}
@@ -550,6 +833,15 @@ class Drizzle3DConfig:
         -------
         str
             The YAML text.
+
+        Examples
+        --------
+        >>> import os, tempfile
+        >>> c = Drizzle3DConfig(pixel_scale=3.0)
+        >>> path = os.path.join(tempfile.mkdtemp(), "run.yaml")
+        >>> text = c.to_yaml(path)
+        >>> "pixel_scale: 3.0" in text, Drizzle3DConfig.from_yaml(path) == c
+        (True, True)
         """
         import yaml
 
@@ -577,6 +869,15 @@ class Drizzle3DConfig:
             On invalid content (see :meth:`from_dict`).
         FileNotFoundError
             If a path does not exist.
+
+        Examples
+        --------
+        >>> Drizzle3DConfig.from_yaml("{detectors: [1, 2], pixel_scale: 3.1}").detectors
+        (1, 2)
+        >>> Drizzle3DConfig.from_yaml("pixel_scale: [")
+        Traceback (most recent call last):
+        ...
+        ValueError: 'source' must be valid YAML; got a parse error (...).
         """
         import yaml
 
