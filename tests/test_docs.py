@@ -160,6 +160,7 @@ def test_guide_page_doctests():
 # doctest line that runs (``# doctest: +SKIP`` is only for lines that need the real archive).
 COMPLETE_DOCSTRING_MODULES = [
     "drizzle3d.archive",
+    "drizzle3d.blot",
     "drizzle3d.config",
     "drizzle3d.grid",
     "drizzle3d.io",

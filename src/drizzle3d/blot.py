@@ -111,7 +111,22 @@ class Exposure:
 
     @property
     def shape(self) -> tuple[int, int]:
-        """``(ny, nx)`` of the exposure."""
+        """``(ny, nx)`` of the exposure.
+
+        Returns
+        -------
+        tuple of int
+            The shape of ``data``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> y, x = np.indices((3, 5), dtype=float)
+        >>> e = Exposure(np.ones((3, 5)), np.ones((3, 5)), None, np.dstack([x, y]),
+        ...              np.dstack([np.full((3, 5), 2.0), np.full((3, 5), 0.05)]))
+        >>> e.shape
+        (3, 5)
+        """
         return tuple(np.shape(self.data))
 
 
