@@ -165,6 +165,7 @@ COMPLETE_DOCSTRING_MODULES = [
     "drizzle3d.grid",
     "drizzle3d.io",
     "drizzle3d.pixmap",
+    "drizzle3d.plotting",
     "drizzle3d.simulate",
     "drizzle3d.spherex",
 ]

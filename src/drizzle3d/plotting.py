@@ -72,6 +72,19 @@ def white_light(ds: xr.Dataset) -> xr.DataArray:
     -------
     xarray.DataArray
         ``(y, x)`` image.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr
+    >>> dims = ("wavelength", "y", "x")
+    >>> ds = xr.Dataset(
+    ...     {"sci": (dims, np.arange(24.0).reshape(2, 3, 4)), "wht": (dims, np.ones((2, 3, 4))),
+    ...      "count": (dims, np.full((2, 3, 4), 2))},
+    ...     coords={"wavelength": [1.25, 1.75]},
+    ... )
+    >>> img = white_light(ds)  # planes k and k + 12, equal weights: k + 6
+    >>> img.dims, img.values[0].tolist()
+    (('y', 'x'), [6.0, 7.0, 8.0, 9.0])
     """
     sci = np.asarray(ds["sci"].values, dtype=float)
     wht = np.asarray(ds["wht"].values, dtype=float) if "wht" in ds else np.isfinite(sci) * 1.0
@@ -108,6 +121,24 @@ def plot_white_light(ds: xr.Dataset, path=None, *, mark=None):
     Returns
     -------
     matplotlib.figure.Figure
+        The figure (pixel axes when the cube has no ``wcs`` attribute).
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np, xarray as xr
+    >>> dims = ("wavelength", "y", "x")
+    >>> ds = xr.Dataset(
+    ...     {"sci": (dims, np.arange(24.0).reshape(2, 3, 4)), "wht": (dims, np.ones((2, 3, 4))),
+    ...      "count": (dims, np.full((2, 3, 4), 2))},
+    ...     coords={"wavelength": [1.25, 1.75]},
+    ... )
+    >>> png = os.path.join(tempfile.mkdtemp(), "white.png")
+    >>> fig = plot_white_light(ds, png)
+    >>> os.path.getsize(png) > 1000, fig.axes[0].get_title()
+    (True, 'white light (weighted mean over wavelength)')
+    >>> import matplotlib.pyplot as plt
+    >>> plt.close(fig)
     """
     plt = _plt()
     img = white_light(ds).values
@@ -139,6 +170,22 @@ def plot_coverage(ds: xr.Dataset, path=None):
     Returns
     -------
     matplotlib.figure.Figure
+        The figure: one image of ``count`` averaged over wavelength.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr
+    >>> dims = ("wavelength", "y", "x")
+    >>> ds = xr.Dataset(
+    ...     {"sci": (dims, np.arange(24.0).reshape(2, 3, 4)), "wht": (dims, np.ones((2, 3, 4))),
+    ...      "count": (dims, np.full((2, 3, 4), 2))},
+    ...     coords={"wavelength": [1.25, 1.75]},
+    ... )
+    >>> fig = plot_coverage(ds)
+    >>> float(fig.axes[0].images[0].get_array().mean())
+    2.0
+    >>> import matplotlib.pyplot as plt
+    >>> plt.close(fig)
     """
     plt = _plt()
     cov = np.asarray(ds["count"].values, dtype=float).mean(axis=0)
@@ -165,6 +212,22 @@ def plot_channel_maps(ds: xr.Dataset, path=None, *, n: int = 9):
     Returns
     -------
     matplotlib.figure.Figure
+        The figure, one panel per map titled with its wavelength.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr
+    >>> dims = ("wavelength", "y", "x")
+    >>> ds = xr.Dataset(
+    ...     {"sci": (dims, np.arange(24.0).reshape(2, 3, 4)), "wht": (dims, np.ones((2, 3, 4))),
+    ...      "count": (dims, np.full((2, 3, 4), 2))},
+    ...     coords={"wavelength": [1.25, 1.75]},
+    ... )
+    >>> fig = plot_channel_maps(ds, n=9)  # only 2 bins: 2 panels
+    >>> [ax.get_title() for ax in fig.axes if ax.images]
+    ['1.250 um', '1.750 um']
+    >>> import matplotlib.pyplot as plt
+    >>> plt.close(fig)
     """
     plt = _plt()
     nz = ds.sizes["wavelength"]
@@ -205,6 +268,22 @@ def plot_spectrum(spectrum: xr.Dataset, path=None, *, truth=None, label="extract
     Returns
     -------
     matplotlib.figure.Figure
+        The figure.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr
+    >>> spec = xr.Dataset(
+    ...     {"flux": ("wavelength", [1.0, 2.0, 1.5]), "error": ("wavelength", [0.1, 0.1, 0.2]),
+    ...      "wave_eff": ("wavelength", [1.1, 1.2, 1.3])},
+    ...     coords={"wavelength": [1.1, 1.2, 1.3]}, attrs={"ra": 150.0, "dec": 2.0, "units": "mJy"},
+    ... )
+    >>> fig = plot_spectrum(spec, truth=([1.0, 1.4], [1.5, 1.5]))
+    >>> ax = fig.axes[0]
+    >>> ax.get_ylabel(), [t.get_text() for t in ax.get_legend().get_texts()]
+    ('flux (mJy)', ['truth', 'extracted'])
+    >>> import matplotlib.pyplot as plt
+    >>> plt.close(fig)
     """
     plt = _plt()
     x = np.asarray(spectrum["wave_eff"].values, dtype=float)
@@ -254,6 +333,20 @@ def quicklook(
     -------
     dict
         ``{"white_light": Path, "coverage": Path, "channels": Path[, "spectrum": Path]}``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import numpy as np, xarray as xr
+    >>> dims = ("wavelength", "y", "x")
+    >>> ds = xr.Dataset(
+    ...     {"sci": (dims, np.arange(24.0).reshape(2, 3, 4)), "wht": (dims, np.ones((2, 3, 4))),
+    ...      "count": (dims, np.full((2, 3, 4), 2))},
+    ...     coords={"wavelength": [1.25, 1.75]},
+    ... )
+    >>> paths = quicklook(ds, tempfile.mkdtemp(), stem="demo")
+    >>> sorted(paths), paths["coverage"].name, all(p.exists() for p in paths.values())
+    (['channels', 'coverage', 'white_light'], 'demo_coverage.png', True)
     """
     from pathlib import Path
 
