@@ -1213,21 +1213,10 @@ def fit_zodi_scale(
         )
         return 1.0, 0.0, 0
     d, z, w = data[good], zodi[good], 1.0 / var[good]
-    s = float(np.median(d / z))
-    keep = np.ones(d.size, dtype=bool)
-    for _ in range(max_iter):
-        r = (d - s * z) * np.sqrt(w)
-        med = np.median(r[keep])
-        mad = 1.4826 * np.median(np.abs(r[keep] - med))
-        new_keep = np.abs(r - med) <= clip * max(mad, 1e-12)
-        s = float(
-            np.sum(w[new_keep] * d[new_keep] * z[new_keep]) / np.sum(w[new_keep] * z[new_keep] ** 2)
-        )
-        if np.array_equal(new_keep, keep):
-            break
-        keep = new_keep
-    n_used = int(keep.sum())
-    err = float(1.0 / math.sqrt(np.sum(w[keep] * z[keep] ** 2)))
+    s, n_used, wz2 = _clipped_zodi_fit(d, z, w, float(clip), int(max_iter))
+    s = float(s)
+    n_used = int(n_used)
+    err = float(1.0 / math.sqrt(wz2)) if wz2 > 0 else math.inf
     if not (0.0 < s <= 10.0) or n_used < need:
         warnings.warn(
             f"zodi fit: scale {s:.4g} from {n_used} pixels is not usable; using scale 1.0.",
@@ -1236,6 +1225,47 @@ def fit_zodi_scale(
         )
         return 1.0, 0.0, 0
     return s, err, n_used
+
+
+@numba.njit(cache=True, nogil=True)
+def _clipped_zodi_fit(d, z, w, clip, max_iter):
+    """Iteratively clipped weighted fit of ``d = s z``: (s, pixels kept, sum(w z**2) kept).
+
+    Start from the median ratio; each round clips at ``clip`` robust sigmas (1.4826 MAD)
+    of the weighted residuals and refits ``s``, until the kept set stops changing. Compiled
+    without the GIL, so reading images in threads scales.
+    """
+    n = d.size
+    s = np.median(d / z)
+    sw = np.sqrt(w)
+    keep = np.ones(n, dtype=np.bool_)
+    for _ in range(max_iter):
+        r = (d - s * z) * sw
+        kept = r[keep]
+        med = np.median(kept)
+        mad = 1.4826 * np.median(np.abs(kept - med))
+        thr = clip * max(mad, 1e-12)
+        new_keep = np.abs(r - med) <= thr
+        num = 0.0
+        den = 0.0
+        same = True
+        for i in range(n):
+            if new_keep[i]:
+                num += w[i] * d[i] * z[i]
+                den += w[i] * z[i] * z[i]
+            if new_keep[i] != keep[i]:
+                same = False
+        s = num / den
+        if same:
+            break
+        keep = new_keep
+    used = 0
+    wz2 = 0.0
+    for i in range(n):
+        if keep[i]:
+            used += 1
+            wz2 += w[i] * z[i] * z[i]
+    return s, used, wz2
 
 
 # --------------------------------------------------------------------------------------------
