@@ -12,7 +12,7 @@ the ratios.
 
 spxquery pins astropy < 8, so it runs from its own environment::
 
-    python3 -m venv /work/venv-spxq && /work/venv-spxq/bin/pip install spxquery==0.4.1
+    python3 -m venv .venv-spxq && .venv-spxq/bin/pip install spxquery==0.4.1
 
 Usage::
 
@@ -118,7 +118,11 @@ def main() -> None:
     """Run both pipelines and print the comparison."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "d3_bench_fullframe"))
-    ap.add_argument("--spxquery-python", default="/work/venv-spxq/bin/python")
+    ap.add_argument(
+        "--spxquery-python",
+        default=os.environ.get("SPXQUERY_PYTHON", ".venv-spxq/bin/python"),
+        help="python of an environment with spxquery 0.4.1 (env SPXQUERY_PYTHON)",
+    )
     ap.add_argument("--n", type=int, default=8)
     args = ap.parse_args()
     paths = _field(Path(args.cache), args.n)

@@ -1,6 +1,6 @@
 """Benchmark: footprint + box pixmap versus spxquery-style full-frame mapping.
 
-Run:  /work/venv/bin/python benchmarks/bench_pixmap.py [--repeat N]
+Run:  python benchmarks/bench_pixmap.py [--repeat N]
 
 Setup: a SPHEREx-like 2040x2040 TAN-SIP frame (6.15 arcsec pixels, 3rd-order SIP
 with ~12 pixel corner distortion, PA 24 deg) and a 30x30 arcmin TAN output grid
