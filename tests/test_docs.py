@@ -164,6 +164,7 @@ COMPLETE_DOCSTRING_MODULES = [
     "drizzle3d.config",
     "drizzle3d.grid",
     "drizzle3d.io",
+    "drizzle3d.pipeline",
     "drizzle3d.pixmap",
     "drizzle3d.plotting",
     "drizzle3d.simulate",

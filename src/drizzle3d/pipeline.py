@@ -119,7 +119,9 @@ def _noop_progress(iterable, **_kwargs):
 class RunSummary:
     """What happened to every input of a run.
 
-    Attributes
+    Every parameter is kept as an attribute of the same name.
+
+    Parameters
     ----------
     used : list of dict
         One entry per drizzled file: ``path``, ``obsid``, ``detector``, ``bbox``
@@ -131,6 +133,16 @@ class RunSummary:
         Files whose footprint (or wavelength range) misses the grid.
     already_included : list of str
         Files left out because the cube already held them (incremental runs).
+
+    Examples
+    --------
+    >>> rs = RunSummary(used=[{"path": "a.fits"}],
+    ...                 skipped=[{"path": "b.fits", "reason": "corrupt file (bad header)"}],
+    ...                 not_overlapping=["c.fits"])
+    >>> print(rs.text())
+    1 image(s) used, 1 skipped, 1 not overlapping
+      skipped b.fits: corrupt file (bad header)
+      not overlapping: c.fits
     """
 
     used: list = field(default_factory=list)
@@ -139,7 +151,18 @@ class RunSummary:
     already_included: list = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
-        """Return the number of inputs used, skipped and not overlapping."""
+        """Return the number of inputs used, skipped and not overlapping.
+
+        Returns
+        -------
+        dict
+            ``{"used", "skipped", "not_overlapping", "already_included"}`` -> int.
+
+        Examples
+        --------
+        >>> RunSummary(used=[{"path": "a.fits"}], not_overlapping=["c.fits"]).counts()
+        {'used': 1, 'skipped': 0, 'not_overlapping': 1, 'already_included': 0}
+        """
         return {
             "used": len(self.used),
             "skipped": len(self.skipped),
@@ -148,7 +171,20 @@ class RunSummary:
         }
 
     def reasons(self) -> dict[str, int]:
-        """Return skipped-file counts per reason (first clause of the message)."""
+        """Return skipped-file counts per reason (first clause of the message).
+
+        Returns
+        -------
+        dict
+            Reason (the message up to its first ``" ("`` or ``":"``) -> count.
+
+        Examples
+        --------
+        >>> rs = RunSummary(skipped=[{"path": "a", "reason": "corrupt file (x)"},
+        ...                          {"path": "b", "reason": "corrupt file (y)"}])
+        >>> rs.reasons()
+        {'corrupt file': 2}
+        """
         out: dict[str, int] = {}
         for item in self.skipped:
             key = str(item["reason"]).split(" (")[0].split(":")[0]
@@ -156,7 +192,24 @@ class RunSummary:
         return out
 
     def merge(self, other: RunSummary) -> RunSummary:
-        """Append another partial run's records (for map/reduce runs)."""
+        """Append another partial run's records (for map/reduce runs).
+
+        Parameters
+        ----------
+        other : RunSummary
+            The records to append (left unchanged).
+
+        Returns
+        -------
+        RunSummary
+            ``self``, extended.
+
+        Examples
+        --------
+        >>> a = RunSummary(used=[{"path": "a.fits"}])
+        >>> a.merge(RunSummary(used=[{"path": "b.fits"}], not_overlapping=["c.fits"])).counts()
+        {'used': 2, 'skipped': 0, 'not_overlapping': 1, 'already_included': 0}
+        """
         self.used.extend(other.used)
         self.skipped.extend(other.skipped)
         self.not_overlapping.extend(other.not_overlapping)
@@ -164,7 +217,24 @@ class RunSummary:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-safe dict (``counts``, ``reasons``, and the three lists)."""
+        """Return a JSON-safe dict (``counts``, ``reasons``, and the record lists).
+
+        Returns
+        -------
+        dict
+            ``counts``, ``reasons``, ``used``, ``skipped``, ``not_overlapping``,
+            ``already_included``.
+
+        Examples
+        --------
+        >>> import json
+        >>> rs = RunSummary(used=[{"path": "a.fits"}],
+        ...                 skipped=[{"path": "b.fits", "reason": "corrupt file (bad header)"}],
+        ...                 not_overlapping=["c.fits"])
+        >>> d = json.loads(json.dumps(rs.to_dict()))
+        >>> d["counts"]["skipped"], d["reasons"]
+        (1, {'corrupt file': 1})
+        """
         return {
             "counts": self.counts(),
             "reasons": self.reasons(),
@@ -176,7 +246,27 @@ class RunSummary:
 
     @classmethod
     def from_dict(cls, data: dict) -> RunSummary:
-        """Rebuild from :meth:`to_dict` output."""
+        """Rebuild from :meth:`to_dict` output.
+
+        Parameters
+        ----------
+        data : dict
+            As returned by :meth:`to_dict` (``counts`` and ``reasons`` are
+            ignored: they are derived); missing lists are empty.
+
+        Returns
+        -------
+        RunSummary
+            The records.
+
+        Examples
+        --------
+        >>> rs = RunSummary(used=[{"path": "a.fits"}],
+        ...                 skipped=[{"path": "b.fits", "reason": "corrupt file (bad header)"}],
+        ...                 not_overlapping=["c.fits"])
+        >>> RunSummary.from_dict(rs.to_dict()) == rs
+        True
+        """
         return cls(
             used=list(data.get("used", [])),
             skipped=list(data.get("skipped", [])),
@@ -185,7 +275,18 @@ class RunSummary:
         )
 
     def text(self) -> str:
-        """Return a one-paragraph human summary."""
+        """Return a one-paragraph human summary.
+
+        Returns
+        -------
+        str
+            A counts line, then one line per skipped or non-overlapping file.
+
+        Examples
+        --------
+        >>> print(RunSummary(used=[{"path": "a.fits"}]).text())
+        1 image(s) used, 0 skipped, 0 not overlapping
+        """
         c = self.counts()
         lines = [
             f"{c['used']} image(s) used, {c['skipped']} skipped, "
@@ -198,7 +299,30 @@ class RunSummary:
 
 @dataclass(frozen=True)
 class ImageFootprint:
-    """Header-level facts of one input file and the box of it that reaches the grid."""
+    """Header-level facts of one input file and the box of it that reaches the grid.
+
+    Returned by :func:`image_footprint`; every parameter is kept as an attribute.
+
+    Parameters
+    ----------
+    path : str
+        The file.
+    detector : int
+        ``DETECTOR`` (1..6).
+    shape : tuple of int
+        ``(ny, nx)`` of the file's image.
+    bbox : drizzle3d.pixmap.BBox or None
+        Inclusive input-pixel box that lands on the grid (None: none does).
+    wcs : astropy.wcs.WCS, optional
+        The celestial WCS read from the header.
+
+    Examples
+    --------
+    >>> from drizzle3d.pixmap import BBox
+    >>> fp = ImageFootprint("a.fits", 3, (32, 32), BBox(0, 9, 0, 4))
+    >>> fp.bbox.shape, fp.wcs is None
+    ((5, 10), True)
+    """
 
     path: str
     detector: int
@@ -209,7 +333,44 @@ class ImageFootprint:
 
 @dataclass(frozen=True, eq=False)
 class PreparedImage:
-    """Everything ``add_image`` needs for one file's box."""
+    """Everything ``add_image`` needs for one file's box.
+
+    Made by :func:`prepare_image`; every parameter is kept as an attribute.
+
+    Parameters
+    ----------
+    path : str
+        The file.
+    obsid : str or None
+        Its ``OBSID``.
+    detector : int
+        ``DETECTOR`` (1..6).
+    bbox : drizzle3d.pixmap.BBox
+        Inclusive input-pixel box read.
+    data, var : numpy.ndarray
+        Surface brightness (MJy/sr, zodi handled) and variance of the box.
+    flags : numpy.ndarray
+        Flag bitmask of the box.
+    pixmap, wavemap : numpy.ndarray
+        ``(ny, nx, 2)`` output-pixel positions and (wavelength, bandwidth) in um.
+    wht_scale : float, optional
+        Per-image weight scale (see :func:`image_weights`).
+    exptime : float, optional
+        Exposure time (s).
+    zodi_scale : float or None, optional
+        Zodi amplitude subtracted (None: not subtracted).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from drizzle3d.simulate import simulate_field
+    >>> from drizzle3d.grid import OutputGrid, SpatialGrid, SpectralGrid
+    >>> f = simulate_field(tempfile.mkdtemp(), n_exposures=1, shape=(32, 32))
+    >>> grid = OutputGrid(SpatialGrid.from_center(150.0, 2.0, 1.0, 1.0), SpectralGrid.native(3))
+    >>> p = prepare_image(f.paths[0], grid)
+    >>> p.data.shape == p.pixmap.shape[:2] == p.wavemap.shape[:2] == p.bbox.shape
+    True
+    """
 
     path: str
     obsid: str | None
@@ -225,7 +386,23 @@ class PreparedImage:
     zodi_scale: float | None = None
 
     def add_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``add_image`` / ``transpose`` besides the arrays."""
+        """Keyword arguments of ``add_image`` / ``transpose`` besides the arrays.
+
+        Returns
+        -------
+        dict
+            ``{"wht_scale": float, "exptime": float}``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from drizzle3d.pixmap import BBox
+        >>> a = np.zeros((2, 2))
+        >>> p = PreparedImage("a.fits", None, 3, BBox(0, 1, 0, 1), a, a, a, a, a,
+        ...                   wht_scale=2.0, exptime=100.0)
+        >>> p.add_kwargs()
+        {'wht_scale': 2.0, 'exptime': 100.0}
+        """
         return {"wht_scale": self.wht_scale, "exptime": self.exptime}
 
 
@@ -262,6 +439,19 @@ def image_footprint(path: str | os.PathLike, grid: OutputGrid, *, margin: float 
     ------
     drizzle3d.spherex.SpherexFileError
         If the header cannot be read.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from drizzle3d.simulate import simulate_field
+    >>> from drizzle3d.grid import OutputGrid, SpatialGrid, SpectralGrid
+    >>> f = simulate_field(tempfile.mkdtemp(), n_exposures=1, shape=(32, 32))
+    >>> grid = OutputGrid(SpatialGrid.from_center(150.0, 2.0, 1.0, 1.0), SpectralGrid.native(3))
+    >>> image_footprint(f.paths[0], grid).bbox
+    BBox(xmin=6, xmax=22, ymin=11, ymax=27)
+    >>> blue = OutputGrid(grid.spatial, SpectralGrid.native(1))  # D1's range misses D3's
+    >>> print(image_footprint(f.paths[0], blue).bbox)
+    None
     """
     path = os.fspath(path)
     det, shape, wcs = _header_wcs(path)
@@ -301,6 +491,18 @@ def read_image_box(path: str | os.PathLike, bbox: BBox, *, zodi: str = "fit"):
     ------
     drizzle3d.spherex.SpherexFileError
         If the file cannot be read.
+    ValueError
+        If ``zodi`` is not one of :data:`ZODI_MODES`.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from drizzle3d.pixmap import BBox
+    >>> from drizzle3d.simulate import simulate_field
+    >>> f = simulate_field(tempfile.mkdtemp(), n_exposures=1, shape=(32, 32))
+    >>> im = read_image_box(f.paths[0], BBox(xmin=6, xmax=22, ymin=11, ymax=27), zodi="static")
+    >>> im.shape, im.bbox, im.meta.zodi_scale
+    ((17, 17), (11, 28, 6, 23), 1.0)
     """
     if zodi not in ZODI_MODES:
         raise ValueError(f"'zodi' must be one of {ZODI_MODES}; got {zodi!r}.")
@@ -330,6 +532,18 @@ def image_maps(image, grid: OutputGrid, *, fast: bool = True) -> tuple[np.ndarra
     -------
     pixmap, wavemap : numpy.ndarray
         ``(ny, nx, 2)`` float64 each.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from drizzle3d.simulate import simulate_field
+    >>> from drizzle3d.grid import OutputGrid, SpatialGrid, SpectralGrid
+    >>> f = simulate_field(tempfile.mkdtemp(), n_exposures=1, shape=(32, 32))
+    >>> grid = OutputGrid(SpatialGrid.from_center(150.0, 2.0, 1.0, 1.0), SpectralGrid.native(3))
+    >>> im = read_image_box(f.paths[0], image_footprint(f.paths[0], grid).bbox)
+    >>> pixmap, wavemap = image_maps(im, grid)
+    >>> pixmap.shape, wavemap.shape, bool((wavemap[..., 0] > 0).all())
+    ((17, 17, 2), (17, 17, 2), True)
     """
     shape = image.shape
     pixmap = None
@@ -364,6 +578,19 @@ def image_weights(image, weighting: str, exclude_mask: int) -> float:
     -------
     float
         The scale (1.0 for the other weightings).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from drizzle3d.simulate import simulate_field
+    >>> from drizzle3d.spherex import read_spherex
+    >>> f = simulate_field(tempfile.mkdtemp(), n_exposures=1, shape=(32, 32))
+    >>> im = read_spherex(f.paths[0])
+    >>> image_weights(im, "ivm", 0)
+    1.0
+    >>> w = image_weights(im, "background", 0)  # 1 / median background variance
+    >>> bool(0.5 < w * float(np.median(im.var)) < 2.0)
+    True
     """
     if weighting != "background":
         return 1.0
@@ -410,11 +637,25 @@ def prepare_image(
     Returns
     -------
     PreparedImage or None
+        The prepared box, or None when no pixel of the file reaches the grid.
 
     Raises
     ------
     drizzle3d.spherex.SpherexFileError
         If the file cannot be read.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from drizzle3d.simulate import simulate_field
+    >>> from drizzle3d.grid import OutputGrid, SpatialGrid, SpectralGrid
+    >>> f = simulate_field(tempfile.mkdtemp(), n_exposures=1, shape=(32, 32))
+    >>> grid = OutputGrid(SpatialGrid.from_center(150.0, 2.0, 1.0, 1.0), SpectralGrid.native(3))
+    >>> p = prepare_image(f.paths[0], grid, weighting="uniform")
+    >>> p.detector, p.bbox, p.wht_scale
+    (3, BBox(xmin=6, xmax=22, ymin=11, ymax=27), 1.0)
+    >>> print(prepare_image(f.paths[0], OutputGrid(grid.spatial, SpectralGrid.native(1))))
+    None
     """
     path = os.fspath(path)
     if bbox is None:
@@ -630,6 +871,20 @@ def file_hash(path: str | os.PathLike) -> str:
     ------
     OSError
         If the file cannot be read.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "x.bin")
+    >>> with open(path, "wb") as fh:
+    ...     _ = fh.write(b"SIMPLE" * 1000)
+    >>> h = file_hash(path)
+    >>> len(h), h == file_hash(path)
+    (32, True)
+    >>> with open(path, "ab") as fh:
+    ...     _ = fh.write(b"!")
+    >>> h == file_hash(path)
+    False
     """
     path = os.fspath(path)
     size = os.path.getsize(path)
@@ -1449,6 +1704,21 @@ def drizzle_tiled(
         If ``store`` exists and ``overwrite`` is False.
     ValueError
         On invalid settings.
+
+    Examples
+    --------
+    >>> import os
+    >>> import xarray as xr
+    >>> import tempfile
+    >>> from drizzle3d.simulate import simulate_field
+    >>> from drizzle3d.grid import OutputGrid, SpatialGrid, SpectralGrid
+    >>> f = simulate_field(tempfile.mkdtemp(), n_exposures=1, shape=(32, 32))
+    >>> grid = OutputGrid(SpatialGrid.from_center(150.0, 2.0, 1.0, 1.0), SpectralGrid.native(3))
+    >>> store = drizzle_tiled(f.paths, grid, os.path.join(tempfile.mkdtemp(), "m.zarr"),
+    ...                       tile_shape=5, zodi="static")
+    >>> cube = xr.open_zarr(store, consolidated=False)
+    >>> cube.sci.shape, cube.sci.encoding["chunks"]
+    ((17, 10, 10), (17, 5, 5))
     """
     from drizzle3d.io import _jsonable, init_tiled_store, write_tile
 
@@ -1650,6 +1920,21 @@ def drizzle(config, *, progress: Callable | None = None) -> dict[str, Path]:
     ------
     ValueError
         If no input is found.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from drizzle3d.config import Drizzle3DConfig
+    >>> from drizzle3d.simulate import simulate_field
+    >>> f = simulate_field(tempfile.mkdtemp(), n_exposures=1, shape=(32, 32))
+    >>> config = Drizzle3DConfig.from_dict({
+    ...     "region": {"ra": 150.0, "dec": 2.0, "width": 1.0},
+    ...     "inputs": {"files": [str(p) for p in f.paths]},
+    ...     "drizzle": {"zodi": "static"},
+    ...     "output": {"directory": tempfile.mkdtemp(), "formats": ["fits"]},
+    ... })
+    >>> {key: path.name for key, path in drizzle(config).items()}
+    {'D3.fits': 'cube_D3.fits'}
     """
     from drizzle3d.io import save_cube
 
@@ -1818,6 +2103,22 @@ def extract_spectrum(
     ------
     ValueError
         If the position is off the cube or ``errors`` is invalid.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from drizzle3d.simulate import simulate_field
+    >>> from drizzle3d.grid import OutputGrid, SpatialGrid, SpectralGrid
+    >>> f = simulate_field(tempfile.mkdtemp(), n_exposures=1, shape=(32, 32))
+    >>> grid = OutputGrid(SpatialGrid.from_center(150.0, 2.0, 1.0, 1.0), SpectralGrid.native(3))
+    >>> ds = cube_dataset(drizzle_files(f.paths, grid, zodi="static"), detector=3)
+    >>> spec = extract_spectrum(ds, 150.0, 2.0)  # the spaxel at the position, MJy/sr
+    >>> spec.flux.dims, spec.attrs["units"], spec.attrs["error_method"]
+    (('wavelength',), 'MJy/sr', 'exact (single spaxel)')
+    >>> extract_spectrum(ds, 151.0, 2.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: 'ra', 'dec' must fall on the cube; got (151.0, 2.0) at pixel (...).
     """
     if errors not in ("auto", "exact", "naive"):
         raise ValueError(f"'errors' must be 'auto', 'exact' or 'naive'; got {errors!r}.")
