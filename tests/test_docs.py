@@ -161,6 +161,7 @@ def test_guide_page_doctests():
 COMPLETE_DOCSTRING_MODULES = [
     "drizzle3d.archive",
     "drizzle3d.blot",
+    "drizzle3d.cli",
     "drizzle3d.config",
     "drizzle3d.grid",
     "drizzle3d.io",

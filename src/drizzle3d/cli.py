@@ -64,7 +64,18 @@ def run_demo(out_dir, *, seed: int = 1, n_exposures: int = 12, progress=None) ->
     -------
     dict
         ``cube`` (path), ``plots`` (dict of paths), ``spectrum`` (Dataset),
-        ``truth`` (array, mJy), ``median_rel_err``, ``chi_rms``, ``n_bins``.
+        ``truth`` (array, mJy), ``summary`` (the run's
+        :class:`~drizzle3d.pipeline.RunSummary`), ``median_rel_err``,
+        ``chi_rms``, ``n_bins`` (spectral points compared with the truth).
+
+    Examples
+    --------
+    A single exposure keeps the example quick (``drizzle3d demo`` uses 12):
+
+    >>> import tempfile
+    >>> res = run_demo(tempfile.mkdtemp(), n_exposures=1)
+    >>> res["cube"].name, sorted(res["plots"]), res["summary"].counts()["used"]
+    ('demo_D3.fits', ['channels', 'coverage', 'spectrum', 'white_light'], 1)
     """
     import numpy as np
 
@@ -258,6 +269,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     -------
     int
         0 on success, 1 on an error (one-line message on stderr), 2 on a usage error.
+
+    Examples
+    --------
+    >>> main(["config", "--example"])  # doctest: +ELLIPSIS
+    # drizzle3d run configuration. Every key is optional; ...
+    scheduler: null ...
+    0
+    >>> main(["--help"])  # doctest: +ELLIPSIS
+    Usage: drizzle3d [OPTIONS] COMMAND [ARGS]...
+    ...
+    0
     """
     args = list(sys.argv[1:] if argv is None else argv)
     try:
