@@ -161,6 +161,7 @@ def test_guide_page_doctests():
 COMPLETE_DOCSTRING_MODULES = [
     "drizzle3d.archive",
     "drizzle3d.blot",
+    "drizzle3d.channels",
     "drizzle3d.cli",
     "drizzle3d.config",
     "drizzle3d.grid",
@@ -168,6 +169,7 @@ COMPLETE_DOCSTRING_MODULES = [
     "drizzle3d.pipeline",
     "drizzle3d.pixmap",
     "drizzle3d.plotting",
+    "drizzle3d.resample",
     "drizzle3d.simulate",
     "drizzle3d.spherex",
 ]
