@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from drizzle3d.spherex import FLAG_TABLE
+from drizzle3d._flags import DEFAULT_EXCLUDE_FLAGS, FLAG_TABLE
 
 __all__ = [
     "EXAMPLE_YAML",
@@ -47,22 +47,7 @@ ZODI = ("none", "static", "fit")
 SPECTRAL_MODES = ("native", "oversampled", "constant_r", "edges")
 FORMATS = ("fits", "netcdf", "zarr")
 DOWNLOAD_MODES = ("full", "cutout")
-_DEFAULT_EXCLUDE = (
-    "TRANSIENT",
-    "OVERFLOW",
-    "SUR_ERROR",
-    "PHANTOM",
-    "REFERENCE",
-    "NONFUNC",
-    "DICHROIC",
-    "MISSING_DATA",
-    "HOT",
-    "COLD",
-    "PHANMISS",
-    "NONLINEAR",
-    "PERSIST",
-    "OUTLIER",
-)
+_DEFAULT_EXCLUDE = DEFAULT_EXCLUDE_FLAGS
 
 
 # ---------------------------------------------------------------------------

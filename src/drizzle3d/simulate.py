@@ -56,6 +56,7 @@ from astropy.wcs import WCS, Sip
 from scipy.interpolate import RegularGridInterpolator
 from scipy.special import erf
 
+from drizzle3d._flags import FLAG_TABLE
 from drizzle3d.channels import detector_channels, detector_range
 
 __all__ = [
@@ -86,35 +87,9 @@ _TELAPSE = 118.1873
 _ARCSEC2_TO_SR = (math.pi / 180.0 / 3600.0) ** 2
 _FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
-#: Flag names and bits written by the simulator (the QR2 list of late-2025 files
-#: plus the QR3 additions CROSSTALK, STREAK and SATELLITE_HALO).
-FLAG_BITS = {
-    "TRANSIENT": 0,
-    "OVERFLOW": 1,
-    "SUR_ERROR": 2,
-    "PHANTOM": 4,
-    "REFERENCE": 5,
-    "NONFUNC": 6,
-    "DICHROIC": 7,
-    "MISSING_DATA": 9,
-    "HOT": 10,
-    "COLD": 11,
-    "FULLSAMPLE": 12,
-    "PHANMISS": 14,
-    "NONLINEAR": 15,
-    "PERSIST": 17,
-    "OUTLIER": 19,
-    "CROSSTALK": 20,
-    "SOURCE": 21,
-    "GHOST": 22,
-    "GHOST_FPA": 23,
-    "GHOST_EXT": 24,
-    "STREAK": 25,
-    "BLOOM": 26,
-    "SNOWBALL": 27,
-    "HALO": 28,
-    "SATELLITE_HALO": 29,
-}
+#: Flag names and bits written by the simulator: the documented table (the QR2 list of
+#: late-2025 files plus the QR3 additions CROSSTALK, STREAK and SATELLITE_HALO).
+FLAG_BITS = dict(FLAG_TABLE)
 _QR2_ONLY_ABSENT = ("CROSSTALK", "STREAK", "SATELLITE_HALO")
 #: Bits the simulator uses to mark its injected bad pixels.
 _BAD_PIXEL_FLAGS = ("HOT", "COLD", "NONFUNC", "PERSIST", "NONLINEAR", "OUTLIER", "MISSING_DATA")

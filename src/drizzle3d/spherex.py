@@ -47,6 +47,8 @@ from astropy import units as u
 from astropy.io import fits
 from astropy.wcs import WCS, Sip
 
+from drizzle3d import _flags
+
 __all__ = [
     "DEFAULT_EXCLUDE_FLAGS",
     "FLAG_TABLE",
@@ -69,54 +71,13 @@ log = logging.getLogger(__name__)
 
 #: Documented SPHEREx flag bits (QR2 files of late 2025, plus the QR3 additions
 #: CROSSTALK, STREAK and SATELLITE_HALO). Used when a file's header does not name a bit.
-FLAG_TABLE = {
-    "TRANSIENT": 0,
-    "OVERFLOW": 1,
-    "SUR_ERROR": 2,
-    "PHANTOM": 4,
-    "REFERENCE": 5,
-    "NONFUNC": 6,
-    "DICHROIC": 7,
-    "MISSING_DATA": 9,
-    "HOT": 10,
-    "COLD": 11,
-    "FULLSAMPLE": 12,
-    "PHANMISS": 14,
-    "NONLINEAR": 15,
-    "PERSIST": 17,
-    "OUTLIER": 19,
-    "CROSSTALK": 20,
-    "SOURCE": 21,
-    "GHOST": 22,
-    "GHOST_FPA": 23,
-    "GHOST_EXT": 24,
-    "STREAK": 25,
-    "BLOOM": 26,
-    "SNOWBALL": 27,
-    "HALO": 28,
-    "SATELLITE_HALO": 29,
-}
+FLAG_TABLE = _flags.FLAG_TABLE
 
 #: Flags excluded from a coadd by default: the pixels whose value is unusable
 #: (IRSA's source-discovery tutorial's bad set without FULLSAMPLE, which only says
 #: that the full sample history exists). SOURCE is **never** excluded: it marks
 #: pixels on known sources, 40-100 % of a frame.
-DEFAULT_EXCLUDE_FLAGS = (
-    "TRANSIENT",
-    "OVERFLOW",
-    "SUR_ERROR",
-    "PHANTOM",
-    "REFERENCE",
-    "NONFUNC",
-    "DICHROIC",
-    "MISSING_DATA",
-    "HOT",
-    "COLD",
-    "PHANMISS",
-    "NONLINEAR",
-    "PERSIST",
-    "OUTLIER",
-)
+DEFAULT_EXCLUDE_FLAGS = _flags.DEFAULT_EXCLUDE_FLAGS
 
 #: Flags excluded when fitting the zodi amplitude: the default set plus SOURCE
 #: (background pixels only).
