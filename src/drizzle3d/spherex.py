@@ -1462,6 +1462,21 @@ def _scan_uncached(fh, size: int) -> list[_RawHdu]:
     return hdus
 
 
+_WCS_COPY_LOCK = threading.Lock()
+
+
+def _celestial_wcs_copy(hdr: _Cards, sl) -> WCS:
+    """A new celestial WCS of the file (sliced to ``sl`` if given).
+
+    The full-frame WCS is built once per cached header and copied (or sliced, which
+    copies) for each read, under a lock: astropy may update a WCS's internal state on
+    first use, and threads may read the same file.
+    """
+    base = hdr.derived("celestial_wcs", _fast_celestial_wcs)
+    with _WCS_COPY_LOCK:
+        return base.deepcopy() if sl is None else base.slice(sl)
+
+
 def _fast_celestial_wcs(hdr: _Cards) -> WCS:
     """The celestial WCS from parsed keyword values; the same object as :func:`_celestial_wcs`.
 
@@ -1645,9 +1660,7 @@ def _read_fast_open(fh, path: str, bbox):
     )
     whole = box == (0, shape[0], 0, shape[1])
     sl = None if whole else (slice(ymin, ymax), slice(xmin, xmax))
-    wcs = _fast_celestial_wcs(hdr)
-    if sl is not None:
-        wcs = wcs.slice(sl)
+    wcs = _celestial_wcs_copy(hdr, sl)
     spec = _LazySpectralWcs(path, hdr.text(_W_KEY), table_hdu, sl)
 
     out = {
@@ -1665,7 +1678,13 @@ def _read_fast_open(fh, path: str, bbox):
         tasks.insert(
             1,
             functools.partial(
-                _read_compressed, path, hdus.index(by_name["FLAGS"]), box, out["FLAGS"]
+                _read_compressed,
+                path,
+                hdus.index(by_name["FLAGS"]),
+                box,
+                out["FLAGS"],
+                buf,
+                by_name["FLAGS"],
             ),
         )
     _share_work(tasks, parallel=(ymax - ymin) * (xmax - xmin) >= _PARALLEL_MIN_PIXELS)
@@ -1673,10 +1692,70 @@ def _read_fast_open(fh, path: str, bbox):
     return out["IMAGE"], out["VARIANCE"], out["FLAGS"], out["ZODI"], wcs, spec, meta, box, table
 
 
-def _read_compressed(path, index, box, out) -> None:
-    """Decompress ``box`` of the tile-compressed image HDU number ``index`` into ``out``."""
+def _read_compressed(path, index, box, out, buf=None, hdu=None) -> None:
+    """Decompress ``box`` of the tile-compressed image HDU number ``index`` into ``out``.
+
+    The Level-2 layout (RICE_1, one image row per tile, int32) is decoded straight from
+    the memory-mapped heap, only the rows of the box; anything else goes to astropy.
+    """
+    if buf is not None and hdu is not None and _read_rice_rows(buf, hdu, box, out):
+        return
     with fits.open(path, memmap=True, lazy_load_hdus=True) as hdul:
         out[...] = _section(hdul[index], box, out.dtype, path)
+
+
+_TFORM_HEAP = re.compile(r"^1?([PQ])B")
+
+
+def _read_rice_rows(buf, hdu, box, out) -> bool:
+    """Decode the rows of ``box`` of a RICE_1 tile-per-row int32 image; False if not that layout."""
+    try:
+        from astropy.io.fits.hdu.compressed._codecs import Rice1
+    except ImportError:  # pragma: no cover - a future astropy without this module
+        return False
+    c = hdu.cards
+    try:
+        tform = _TFORM_HEAP.match(str(c.get("TFORM1", "")).strip().upper())
+        params = {
+            str(c[f"ZNAME{i}"]).strip().upper(): c.get(f"ZVAL{i}")
+            for i in range(1, 10)
+            if f"ZNAME{i}" in c
+        }
+        nx = int(c["ZNAXIS1"])
+        if not (
+            str(c.get("ZCMPTYPE", "")).strip().upper() == "RICE_1"
+            and int(c.get("ZBITPIX", 0)) == 32
+            and int(c.get("ZNAXIS", 0)) == 2
+            and int(c.get("ZTILE1", 0)) == nx
+            and int(c.get("ZTILE2", 0)) == 1
+            and int(c.get("TFIELDS", 0)) == 1
+            and str(c.get("TTYPE1", "")).strip().upper() == "COMPRESSED_DATA"
+            and tform is not None
+            and int(params.get("BYTEPIX", 4)) == 4
+            and "ZBLANK" not in c
+            and out.dtype == np.int32
+        ):
+            return False
+        desc_dtype = np.dtype(">i4" if tform.group(1) == "P" else ">i8")
+        nrows = int(c["NAXIS2"])
+        if int(c["NAXIS1"]) != 2 * desc_dtype.itemsize or nrows != int(c["ZNAXIS2"]):
+            return False
+        heap = hdu.data_start + int(c.get("THEAP", int(c["NAXIS1"]) * nrows))
+        ymin, ymax, xmin, xmax = box
+        desc = np.ndarray((nrows, 2), dtype=desc_dtype, buffer=buf, offset=hdu.data_start)
+        raw = np.frombuffer(buf, dtype=np.uint8)
+        codec = Rice1(blocksize=int(params.get("BLOCKSIZE", 32)), bytepix=4, tilesize=nx)
+        for j in range(ymin, ymax):
+            n, off = int(desc[j, 0]), int(desc[j, 1])
+            if n <= 0 or heap + off + n > hdu.end:
+                return False
+            row = np.asarray(codec.decode(raw[heap + off : heap + off + n]))
+            if row.shape != (nx,) or row.dtype.kind != "i":
+                return False
+            out[j - ymin] = row[xmin:xmax]
+    except (KeyError, ValueError, TypeError):
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -1850,7 +1929,7 @@ def _header_fast(path: str) -> ImageHeader:
     hdr = img.cards
     obsid = hdr.get("OBSID")
     return ImageHeader(
-        wcs=_fast_celestial_wcs(hdr),
+        wcs=_celestial_wcs_copy(hdr, None),
         shape=(int(hdr["NAXIS2"]), int(hdr["NAXIS1"])),
         detector=int(hdr["DETECTOR"]),
         obsid=None if obsid is None else str(obsid).strip(),
