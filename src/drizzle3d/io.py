@@ -580,16 +580,6 @@ def fits_wcs(path: str | os.PathLike):
 #: Layout version of the state stores written by :func:`save_state`.
 STATE_VERSION = 1
 _STATE_ATTR = "drizzle3d_state"
-_DRIZZLE_KWARGS = (
-    "kernel",
-    "pixfrac",
-    "wave_pixfrac",
-    "weighting",
-    "ivar_max",
-    "min_overlap",
-    "exclude_flags",
-    "effective_wavelength",
-)
 
 
 def save_state(d, path: str | os.PathLike, *, meta: dict | None = None) -> Path:
@@ -700,7 +690,7 @@ def load_state(path: str | os.PathLike):
     import zarr
 
     from drizzle3d.grid import OutputGrid
-    from drizzle3d.resample import Drizzle3D
+    from drizzle3d.resample import SETTINGS, Drizzle3D
 
     path = Path(path)
     if not path.exists():
@@ -717,7 +707,7 @@ def load_state(path: str | os.PathLike):
     st["ctx_id"] = info["ctx_id"]
     st["n_images"] = info["n_images"]
     st["total_exptime"] = info["total_exptime"]
-    kwargs = {k: info["settings"][k] for k in _DRIZZLE_KWARGS if k in info["settings"]}
+    kwargs = {k: info["settings"][k] for k in SETTINGS if k in info["settings"]}
     grid = OutputGrid.from_dict(info["grid"])
     d = Drizzle3D(grid, track_wave="sum_wl" in st, state=st, **kwargs)
     return d, info["meta"]

@@ -28,6 +28,7 @@ from drizzle3d._validate import (
 __all__ = [
     "CTX_PLANE_BITS",
     "DIMS",
+    "SETTINGS",
     "SUPPORTED_KERNELS",
     "WEIGHTINGS",
     "Drizzle3D",
@@ -74,7 +75,9 @@ _FIELDS = {
     "or_mask": _kernels.F_OR,
 }
 _WAVE_FIELDS = ("sum_wl", "sum_wl2")
-_SETTINGS = (
+#: Names of the settings a cube's accumulators depend on: stored with its ``state``,
+#: compared by :meth:`Drizzle3D.merge` and when resuming.
+SETTINGS = (
     "kernel",
     "pixfrac",
     "wave_pixfrac",
@@ -349,16 +352,17 @@ class Drizzle3D:
         return [n for n in _FIELDS if self._track_wave or n not in _WAVE_FIELDS]
 
     def _settings(self):
-        return {
-            "kernel": self._kernel,
-            "pixfrac": self._pixfrac,
-            "wave_pixfrac": self._wave_pixfrac,
-            "weighting": self._weighting,
-            "ivar_max": self._ivar_max,
-            "min_overlap": self._min_overlap,
-            "exclude_flags": self._exclude,
-            "effective_wavelength": "band" if self._band_centroid else "overlap",
-        }
+        values = (
+            self._kernel,
+            self._pixfrac,
+            self._wave_pixfrac,
+            self._weighting,
+            self._ivar_max,
+            self._min_overlap,
+            self._exclude,
+            "band" if self._band_centroid else "overlap",
+        )
+        return dict(zip(SETTINGS, values, strict=True))
 
     @property
     def state(self) -> dict:
