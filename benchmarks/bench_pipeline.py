@@ -31,7 +31,8 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-CENTER = (150.0, 2.0)
+from _fields import CENTER, full_frame_field
+
 WIDTH = 30.0  # arcmin
 
 OURS = textwrap.dedent(
@@ -81,15 +82,7 @@ SPXQ = textwrap.dedent(
 
 
 def _field(cache: Path, n: int) -> list[str]:
-    paths = sorted(str(p) for p in cache.glob("level2_*.fits"))
-    if len(paths) >= n:
-        return paths[:n]
-    from drizzle3d.simulate import simulate_field
-
-    print(f"simulating {n} full-frame D3 exposures into {cache} (once) ...", flush=True)
-    cache.mkdir(parents=True, exist_ok=True)
-    f = simulate_field(cache, n_exposures=n, shape=(2040, 2040), center=CENTER, seed=42)
-    return [str(p) for p in f.paths]
+    return full_frame_field(cache, n, seed=42)
 
 
 def _run(python: str, script: str, paths, factor) -> dict:

@@ -27,20 +27,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-CENTER = (150.0, 2.0)
+from _fields import CENTER, full_frame_field
 
 
 def _field(cache: Path, n: int) -> list[str]:
-    paths = sorted(str(p) for p in cache.glob("level2_*.fits"))
-    if len(paths) >= n:
-        return paths[:n]
-    from drizzle3d.simulate import simulate_field
-
-    print(f"simulating {n} full-frame D3 exposures into {cache} (once) ...", flush=True)
-    cache.mkdir(parents=True, exist_ok=True)
-    f = simulate_field(cache, n_exposures=n, shape=(2040, 2040), center=CENTER, seed=16)
-    return [str(p) for p in f.paths]
+    return full_frame_field(cache, n, seed=16)
 
 
 def _speedups(paths: list[str]) -> None:
