@@ -6,37 +6,58 @@ is spread over the output voxels it overlaps in space and wavelength, and the
 result is exposed as labelled :mod:`xarray` cubes.
 """
 
+import importlib
 from importlib.metadata import PackageNotFoundError, version
 
-from drizzle3d.archive import ArchiveError, FetchResult, fetch, query_spherex
-from drizzle3d.blot import Exposure, blot_cube, find_outliers
-from drizzle3d.config import Drizzle3DConfig
-from drizzle3d.grid import OutputGrid, SpatialGrid, SpectralGrid
-from drizzle3d.io import load_cube, load_state, save_cube, save_state
-from drizzle3d.pipeline import drizzle, drizzle_files, drizzle_tiled, extract_spectrum, file_hash
-from drizzle3d.pixmap import BBox, calc_pixmap, estimate_pixel_scale_ratio, footprint_bbox
-from drizzle3d.resample import SUPPORTED_KERNELS, Drizzle3D, decode_context
-from drizzle3d.simulate import (
-    ExtendedSource,
-    Line,
-    PointSource,
-    Sky,
-    Spectrum,
-    make_cutout,
-    simulate_field,
-    write_exposure,
-)
-from drizzle3d.spherex import (
-    DEFAULT_EXCLUDE_FLAGS,
-    ImageHeader,
-    SpherexFileError,
-    SpherexImage,
-    fit_zodi_scale,
-    flag_bits,
-    read_header_wcs,
-    read_spherex,
-    spectral_wavemap,
-)
+# Public names -> the submodule that defines them. Submodules are imported on first
+# use (PEP 562), so ``import drizzle3d`` stays light and e.g. the pipeline does not
+# load the archive client, the simulator or xarray until they are needed.
+_LAZY = {
+    "ArchiveError": "archive",
+    "FetchResult": "archive",
+    "fetch": "archive",
+    "query_spherex": "archive",
+    "Exposure": "blot",
+    "blot_cube": "blot",
+    "find_outliers": "blot",
+    "Drizzle3DConfig": "config",
+    "OutputGrid": "grid",
+    "SpatialGrid": "grid",
+    "SpectralGrid": "grid",
+    "load_cube": "io",
+    "load_state": "io",
+    "save_cube": "io",
+    "save_state": "io",
+    "drizzle": "pipeline",
+    "drizzle_files": "pipeline",
+    "drizzle_tiled": "pipeline",
+    "extract_spectrum": "pipeline",
+    "file_hash": "pipeline",
+    "BBox": "pixmap",
+    "calc_pixmap": "pixmap",
+    "estimate_pixel_scale_ratio": "pixmap",
+    "footprint_bbox": "pixmap",
+    "SUPPORTED_KERNELS": "resample",
+    "Drizzle3D": "resample",
+    "decode_context": "resample",
+    "ExtendedSource": "simulate",
+    "Line": "simulate",
+    "PointSource": "simulate",
+    "Sky": "simulate",
+    "Spectrum": "simulate",
+    "make_cutout": "simulate",
+    "simulate_field": "simulate",
+    "write_exposure": "simulate",
+    "DEFAULT_EXCLUDE_FLAGS": "spherex",
+    "ImageHeader": "spherex",
+    "SpherexFileError": "spherex",
+    "SpherexImage": "spherex",
+    "fit_zodi_scale": "spherex",
+    "flag_bits": "spherex",
+    "read_header_wcs": "spherex",
+    "read_spherex": "spherex",
+    "spectral_wavemap": "spherex",
+}
 
 try:
     __version__ = version("drizzle3d")
@@ -90,3 +111,17 @@ __all__ = [
     "spectral_wavemap",
     "write_exposure",
 ]
+
+
+def __getattr__(name):
+    try:
+        module = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'drizzle3d' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f"drizzle3d.{module}"), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

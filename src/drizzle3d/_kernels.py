@@ -8,11 +8,11 @@ Conventions
 -----------
 - Output pixel ``(jj, ii)`` covers ``[ii - 0.5, ii + 0.5] x [jj - 0.5, jj + 0.5]``
   in output pixel coordinates (STScI drizzle's convention).
-- All accumulators of one voxel sit together in one 64-byte block of a
-  ``(ny, nx, nz, 8)`` float64 array ``acc`` (fields ``F_*`` below); the flag
-  masks live in an int64 view of the same memory (``macc``). One voxel update
-  then touches one cache line, and the few wavelength bins an input pixel
-  touches are neighbours in memory.
+- All accumulators of one voxel sit together in one 56-byte block of a
+  ``(ny, nx, nz, 7)`` float64 array ``acc`` (fields ``F_*`` below); the two
+  32-bit flag masks share one word of an int64 view of the same memory
+  (``macc``). One voxel update then touches one or two cache lines, and the few
+  wavelength bins an input pixel touches are neighbours in memory.
 - A contribution to voxel ``(k, jj, ii)`` has weight ``w * a * f`` where ``w`` is
   the input pixel weight, ``a`` the spatial weight (for ``square`` the exact
   overlap area of the pixfrac-shrunk pixel quadrilateral with the output pixel,
@@ -42,9 +42,29 @@ F_W2V = 2  # sum of (w a f)**2 * var
 F_N = 3  # number of contributing input pixels (exact in float64)
 F_WL = 4  # sum of w a f * effective wavelength of the overlap
 F_WL2 = 5  # sum of w a f * second moment of the overlap's wavelength
-F_NAND = 6  # complement of the bitwise AND of flags (int64 view; 0 where nothing landed)
-F_OR = 7  # bitwise OR of flags (int64 view)
-N_FIELDS = 8
+# flag masks (int64 view): low 32 bits the complement of the bitwise AND of the flags,
+# high 32 bits their bitwise OR, so both are OR-accumulated in one operation and the
+# word is 0 exactly where nothing landed (see ``mask_word``)
+F_MASK = 6
+N_FIELDS = 7
+
+_LOW32 = 0xFFFFFFFF
+
+
+def mask_word(flags):
+    """The packed mask word of 32-bit flags (an int64 array or scalar): the
+    complement of ``flags`` in the low 32 bits, ``flags`` in the high 32 bits."""
+    flags = np.asarray(flags, dtype=np.int64) & _LOW32
+    return (~flags & _LOW32) | (flags << 32)
+
+
+def unpack_masks(words):
+    """``(and_mask, or_mask)`` as int64 from packed mask words; the AND is -1 (all
+    bits) where nothing landed, as in :attr:`Drizzle3D.state`."""
+    words = np.asarray(words, dtype=np.int64)
+    and_mask = np.where(words == 0, -1, ~words & _LOW32)
+    return and_mask, (words >> 32) & _LOW32
+
 
 #: Spacing (input pixels) of the Lanczos look-up table, as in STScI drizzle 3.
 LANCZOS_LUT_STEP = 0.003
@@ -245,8 +265,7 @@ def _deposit(jj, ii, a, afrac, w, d, v, flag, spec, nspec, min_overlap, track_wa
         f = spec[n, 1]
         if min_overlap > 0.0 and afrac * f < min_overlap:
             continue
-        macc[jj, ii, k, F_NAND] |= ~flag  # AND kept as its complement: zeros = untouched
-        macc[jj, ii, k, F_OR] |= flag
+        macc[jj, ii, k, F_MASK] |= flag  # packed by mask_word: 0 = untouched
         wa = wa0 * f
         if wa != 0.0:
             acc[jj, ii, k, F_WF] += wa * d
@@ -594,7 +613,7 @@ def drizzle_image(
     data, var, weight : float64 (ny, nx)
         Input values, variances and weights (weight 0 = lands but adds nothing).
     flags : int64 (ny, nx)
-        Input flag bits (non-negative).
+        Packed mask words of the input flags (:func:`mask_word`).
     pixmap, wavemap : float64 (ny, nx, 2)
         Output (x, y) of each pixel centre; central wavelength and bandwidth.
     edges : float64 (nz + 1,)
@@ -649,16 +668,15 @@ def drizzle_image(
 @_jit
 def merge_blocks(acc, macc, other, mother):
     """Add another cube's accumulator blocks into ``acc`` in one pass (sums added,
-    flag masks OR-ed; the AND mask is stored as its complement, so it is OR-ed too).
+    packed flag-mask words OR-ed: the AND is stored as its complement, so it is OR-ed too).
 
     All four arrays are ``(n, N_FIELDS)`` views: ``macc``/``mother`` are int64 views
     of ``acc``/``other``.
     """
     for n in range(acc.shape[0]):
-        for f in range(F_NAND):
+        for f in range(F_MASK):
             acc[n, f] += other[n, f]
-        macc[n, F_NAND] |= mother[n, F_NAND]
-        macc[n, F_OR] |= mother[n, F_OR]
+        macc[n, F_MASK] |= mother[n, F_MASK]
 
 
 # input pixels are visited in square tiles of this side, so that the output

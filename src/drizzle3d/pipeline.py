@@ -56,10 +56,12 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import xarray as xr
+
+if TYPE_CHECKING:  # xarray is imported where outputs are built (a light import path)
+    import xarray as xr
 
 from drizzle3d.channels import detector_range
 from drizzle3d.grid import OutputGrid, SpatialGrid, SpectralGrid
@@ -912,9 +914,12 @@ def _input_key(path: str) -> dict | None:
 # ---------------------------------------------------------------------------
 
 
-def _drizzle_items(items, grid, settings, n_inputs, tick=None) -> tuple[Drizzle3D, RunSummary]:
-    """Drizzle ``(ctx_id, path, key)`` items into a new partial cube; never raises per file."""
-    d = _new_cube(grid, settings, n_inputs)
+def _drizzle_items(
+    items, grid, settings, n_inputs, tick=None, cube=None
+) -> tuple[Drizzle3D, RunSummary]:
+    """Drizzle ``(ctx_id, path, key)`` items into ``cube`` (default: a new partial
+    cube); never raises per file."""
+    d = _new_cube(grid, settings, n_inputs) if cube is None else cube
     summary = RunSummary()
     for ctx_id, path, key in items:
         try:
@@ -1018,8 +1023,16 @@ def _run_threads(items, grid, settings, n_inputs, n_workers, progress):
 
 
 # -- processes ---------------------------------------------------------------
+# Worker processes are started once and reused by later runs of the same size
+# (spawning one costs ~2 s of imports and kernel loading, more than a typical run);
+# they are shut down at exit. Partial cubes come back through shared memory: a
+# worker drizzles straight into a file on a RAM-backed file system (/dev/shm), and
+# this process maps it, unlinks it and adopts it, so no accumulator is pickled,
+# piped or copied.
 
 _WORKER_TICKS = None
+_POOL: dict[str, Any] = {}
+_POOL_LOCK = threading.Lock()
 
 
 def _init_process(ticks) -> None:
@@ -1027,35 +1040,119 @@ def _init_process(ticks) -> None:
     _WORKER_TICKS = ticks
 
 
-def _process_task(items, shipped, settings, n_inputs):
+def _shared_dir() -> str:
+    shm = "/dev/shm"
+    if os.name == "posix" and os.path.isdir(shm) and os.access(shm, os.W_OK):
+        return shm
+    import tempfile
+
+    return tempfile.gettempdir()
+
+
+def _shared_array(path: str, shape: tuple, *, create: bool) -> np.ndarray:
+    """A float64 array of ``shape`` backed by the file ``path`` (created zero-filled)."""
+    import mmap
+
+    size = int(np.prod(shape)) * 8
+    flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+    fd = os.open(path, flags, 0o600)
+    try:
+        if create:
+            os.ftruncate(fd, size)
+        buf = mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+    return np.frombuffer(buf, dtype=np.float64).reshape(shape)
+
+
+def _process_task(items, shipped, settings, n_inputs, prefix):
     grid = shipped.grid()
     ticks = _WORKER_TICKS
-    return _drizzle_items(
-        items, grid, settings, n_inputs, None if ticks is None else lambda: ticks.put(1)
-    )
+    d = _new_cube(grid, settings, n_inputs)
+    path = f"{prefix}-{uuid.uuid4().hex}"
+    try:
+        d._adopt_accumulators(_shared_array(path, d._accumulator_shape(), create=True))
+        d, summary = _drizzle_items(
+            items, grid, settings, n_inputs, None if ticks is None else lambda: ticks.put(1), d
+        )
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    d._acc = None  # the accumulators travel through the file, not the pickle
+    return path, d, summary
 
 
-def _process_round(chunks, grid, settings, n_inputs, n_workers, progress):
-    """One process pool over ``chunks``: (partials, [(chunk, error), ...])."""
+def _receive_partial(path: str, d: Drizzle3D, summary: RunSummary):
+    """Map a worker's shared accumulator file into its partial cube and remove the file."""
+    try:
+        acc = _shared_array(path, d._accumulator_shape(), create=False)
+        if os.name != "posix":  # pragma: no cover - a mapped file cannot be unlinked there
+            acc = acc.copy()
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # POSIX: the mapping stays valid until the array is freed
+    d._adopt_accumulators(acc)
+    return d, summary
+
+
+def _process_pool(n_workers: int):
+    """The shared pool of ``n_workers`` processes (started on first use)."""
+    entry = _POOL.get("pool")
+    if entry is not None and entry[0] == n_workers and not getattr(entry[1], "_broken", False):
+        return entry[1], entry[2]
+    _shutdown_pool()
+    import atexit
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     ctx = mp.get_context(_START_METHOD)
     ticks = ctx.Queue()
+    ex = ProcessPoolExecutor(
+        n_workers, mp_context=ctx, initializer=_init_process, initargs=(ticks,)
+    )
+    if not _POOL.get("atexit"):
+        atexit.register(_shutdown_pool)
+        _POOL["atexit"] = True
+    _POOL["pool"] = (n_workers, ex, ticks)
+    return ex, ticks
+
+
+def _shutdown_pool() -> None:
+    entry = _POOL.pop("pool", None)
+    if entry is not None:
+        entry[1].shutdown(wait=True, cancel_futures=True)
+        entry[2].close()
+
+
+def _process_round(chunks, grid, settings, n_inputs, n_workers, progress):
+    """One round of chunks on the process pool: (partials, [(chunk, error), ...])."""
+    import glob
+
+    prefix = os.path.join(_shared_dir(), f"drizzle3d-{os.getpid()}-{uuid.uuid4().hex[:12]}")
     ok, bad = [], []
-    with ProcessPoolExecutor(
-        min(n_workers, len(chunks)), mp_context=ctx, initializer=_init_process, initargs=(ticks,)
-    ) as ex:
-        shipped = _ShippedGrid(grid)
-        futs = [ex.submit(_process_task, c, shipped, settings, n_inputs) for c in chunks]
-        total = sum(len(c) for c in chunks)
-        _pump(progress, total, ticks, lambda: all(f.done() for f in futs))
-        for f, c in zip(futs, chunks, strict=True):
-            try:
-                ok.append(f.result())
-            except Exception as err:  # BrokenProcessPool: a worker died
-                bad.append((c, err))
-    ticks.close()
+    with _POOL_LOCK:  # one run at a time on the shared pool (and its progress queue)
+        ex, ticks = _process_pool(n_workers)
+        with contextlib.suppress(queue.Empty, OSError, ValueError):
+            while True:  # ticks left over by an interrupted run
+                ticks.get_nowait()
+        try:
+            shipped = _ShippedGrid(grid)
+            futs = [ex.submit(_process_task, c, shipped, settings, n_inputs, prefix)
+                    for c in chunks]  # fmt: skip
+            total = sum(len(c) for c in chunks)
+            _pump(progress, total, ticks, lambda: all(f.done() for f in futs))
+            for f, c in zip(futs, chunks, strict=True):
+                try:
+                    ok.append(_receive_partial(*f.result()))
+                except Exception as err:  # BrokenProcessPool: a worker died
+                    bad.append((c, err))
+            if bad:
+                _shutdown_pool()  # a broken pool is not reused; the retry starts a new one
+        finally:
+            for left in glob.glob(glob.escape(prefix) + "-*"):  # a killed worker's file
+                with contextlib.suppress(OSError):
+                    os.unlink(left)
     return ok, bad
 
 
@@ -1106,7 +1203,8 @@ def _finish_parts(parts, failed, grid, settings, n_inputs):
     res = (_new_cube(grid, settings, n_inputs), RunSummary())
     reduced = _tree_reduce(parts)
     if reduced is not None:
-        _merge_pair(res, reduced)
+        res[0]._merge(reduced[0], steal=True)  # the empty cube takes the accumulators
+        res[1].merge(reduced[1])
     res[1].merge(failed)
     return res
 
@@ -1631,6 +1729,8 @@ def _tiled_template(grid: OutputGrid, settings: dict, n_inputs: int, plans: list
     }  # fmt: skip
     coords["y"] = ("y", np.arange(ny))
     coords["x"] = ("x", np.arange(nx))
+    import xarray as xr
+
     ds = xr.Dataset(data_vars, coords=coords, attrs=dict(small.attrs))
     ds.attrs["wcs"] = grid.spatial.header_string()
     used = [p for p in plans if p["status"] == "used"]
@@ -2192,6 +2292,8 @@ def extract_spectrum(
         else:
             weff = centres.copy()
         units = "mJy"
+    import xarray as xr
+
     out = xr.Dataset(
         {
             "flux": ("wavelength", np.asarray(flux, dtype=float), {"units": units}),

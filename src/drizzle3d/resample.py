@@ -9,10 +9,12 @@ import logging
 import numbers
 import warnings
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import xarray as xr
+
+if TYPE_CHECKING:  # xarray is imported where outputs are built (a light import path)
+    import xarray as xr
 
 from drizzle3d import _kernels
 from drizzle3d._validate import (
@@ -71,8 +73,8 @@ _FIELDS = {
     "count": _kernels.F_N,
     "sum_wl": _kernels.F_WL,
     "sum_wl2": _kernels.F_WL2,
-    "and_mask": _kernels.F_NAND,
-    "or_mask": _kernels.F_OR,
+    "and_mask": _kernels.F_MASK,
+    "or_mask": _kernels.F_MASK,
 }
 _WAVE_FIELDS = ("sum_wl", "sum_wl2")
 #: Names of the settings a cube's accumulators depend on: stored with its ``state``,
@@ -340,13 +342,33 @@ class Drizzle3D:
     def _macc(self):
         return self._acc.view(np.int64)
 
+    def _accumulator_shape(self):
+        nz, ny, nx = self._shape
+        return (ny, nx, nz, _kernels.N_FIELDS)
+
+    def _adopt_accumulators(self, acc):
+        """Accumulate into ``acc`` from now on (e.g. a shared-memory buffer of a
+        worker process): a C-contiguous float64 array of this cube's accumulator
+        shape holding its current values."""
+        acc = np.asarray(acc)
+        if (
+            acc.shape != self._accumulator_shape()
+            or acc.dtype != np.float64
+            or not acc.flags.c_contiguous
+        ):
+            raise ValueError(
+                f"'acc' must be a C-contiguous float64 array of shape "
+                f"{self._accumulator_shape()}; got {acc.dtype} {acc.shape}."
+            )
+        self._acc = acc
+
     def _field(self, name):
         """One accumulator as (ny, nx, nz): a view, or for ``and_mask`` a new array
         (-1 where nothing landed)."""
-        if name == "and_mask":
-            return ~self._macc[..., _kernels.F_NAND]
-        arr = self._macc if name == "or_mask" else self._acc
-        return arr[..., _FIELDS[name]]
+        if name in ("and_mask", "or_mask"):
+            masks = _kernels.unpack_masks(self._macc[..., _kernels.F_MASK])
+            return masks[name == "or_mask"]
+        return self._acc[..., _FIELDS[name]]
 
     def _state_names(self):
         return [n for n in _FIELDS if self._track_wave or n not in _WAVE_FIELDS]
@@ -441,9 +463,12 @@ class Drizzle3D:
         acc = np.zeros((ny, nx, nz, _kernels.N_FIELDS), dtype=np.float64)
         macc = acc.view(np.int64)
         for name, arr in arrays.items():
-            target = macc if name in ("and_mask", "or_mask") else acc
-            value = np.moveaxis(arr, 0, 2)
-            target[..., _FIELDS[name]] = ~value if name == "and_mask" else value
+            if name not in ("and_mask", "or_mask"):
+                acc[..., _FIELDS[name]] = np.moveaxis(arr, 0, 2)
+        and_mask = np.moveaxis(arrays["and_mask"], 0, 2).astype(np.int64)
+        or_mask = np.moveaxis(arrays["or_mask"], 0, 2).astype(np.int64) & FLAG_BITS
+        low = np.where(and_mask == -1, 0, ~and_mask & FLAG_BITS)
+        macc[..., _kernels.F_MASK] = low | (or_mask << 32)
         self._acc = acc
         self._ctx = (
             ctx.astype(np.int32, copy=True)
@@ -691,6 +716,7 @@ class Drizzle3D:
             f = np.ascontiguousarray(flags[sl]).astype(np.int64) & FLAG_BITS
         w = self._weights(d, v, f, None if weight_map is None else weight_map[sl], exptime)
         w *= wht_scale
+        f = _kernels.mask_word(f)  # what the kernels accumulate
         return _Prepared(d, v, w, f, pixmap, wavemap, pscale, exptime, box_shape)
 
     def transpose(
@@ -842,6 +868,11 @@ class Drizzle3D:
         >>> merged.n_images, float(merged.out_sci[0, 2, 2])
         (2, 4.0)
         """
+        return self._merge(other, steal=False)
+
+    def _merge(self, other: Drizzle3D, *, steal: bool) -> Drizzle3D:
+        """:meth:`merge`; with ``steal``, an empty cube takes ``other``'s accumulators
+        (no copy, no pass over them) and ``other`` is left without any."""
         if not isinstance(other, Drizzle3D):
             raise TypeError(f"'other' must be a Drizzle3D; got {type(other).__name__}.")
         if other._shape != self._shape:
@@ -872,9 +903,13 @@ class Drizzle3D:
                     f"begin_ctx_id={self._ctx_id} (or disable_ctx=True)."
                 )
         # validated: now combine
-        mine = self._acc.reshape(-1, _kernels.N_FIELDS)
-        theirs = other._acc.reshape(-1, _kernels.N_FIELDS)
-        _kernels.merge_blocks(mine, mine.view(np.int64), theirs, theirs.view(np.int64))
+        if self._n_images == 0 and not self._ctx_ids and steal:
+            # this cube is still empty: take the other's accumulators instead of adding
+            self._acc, other._acc = other._acc, None
+        else:
+            mine = self._acc.reshape(-1, _kernels.N_FIELDS)
+            theirs = other._acc.reshape(-1, _kernels.N_FIELDS)
+            _kernels.merge_blocks(mine, mine.view(np.int64), theirs, theirs.view(np.int64))
         if use_ctx and other._ctx.shape[0]:
             self._ensure_ctx_planes((other._ctx.shape[0] - 1) * CTX_PLANE_BITS)
             self._ctx[: other._ctx.shape[0]] |= other._ctx
@@ -1084,6 +1119,8 @@ class Drizzle3D:
 
     def _cube(self, name, values, units, long_name):
         arr = np.ascontiguousarray(np.moveaxis(values, 2, 0))
+        import xarray as xr
+
         return xr.DataArray(
             arr,
             dims=DIMS,
@@ -1321,6 +1358,8 @@ class Drizzle3D:
         >>> int(d.out_ctx[0, 2, 2])  # image 0 landed here
         1
         """
+        import xarray as xr
+
         return xr.DataArray(
             self._ctx.copy(),
             dims=("ctx_plane", "y", "x"),
@@ -1368,6 +1407,8 @@ class Drizzle3D:
             data_vars["wave_spread"] = self.out_wave_spread
         if not self._disable_ctx:
             data_vars["ctx"] = self.out_ctx
+        import xarray as xr
+
         ds = xr.Dataset(data_vars)
         ds.attrs.update(self._attrs())
         ds.attrs["fillval"] = self._fillval
