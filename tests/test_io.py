@@ -32,6 +32,55 @@ def test_fits_round_trip_double_identical(dataset, tmp_path):
     xr.testing.assert_identical(actual, dataset)
 
 
+@pytest.mark.parametrize("precision", ["single", "double"])
+def test_fits_streamed_from_cube_equals_dataset_path(small_cube, dataset, tmp_path, precision):
+    # a Drizzle3D is written output by output, straight from its accumulators
+    from drizzle3d.pipeline import _run_attrs
+
+    streamed = save_cube(small_cube, tmp_path / "a.fits", precision=precision,
+                         attrs=_run_attrs(small_cube, 3))  # fmt: skip
+    via_ds = save_cube(dataset, tmp_path / "b.fits", precision=precision)
+    with fits.open(streamed) as a, fits.open(via_ds) as b:
+        assert [h.name for h in a] == [h.name for h in b]
+        for ha, hb in zip(a, b, strict=True):
+            assert ha.header == hb.header
+            if ha.data is None:
+                assert hb.data is None
+            elif isinstance(ha, fits.BinTableHDU):
+                assert ha.data.tobytes() == hb.data.tobytes()
+            else:
+                np.testing.assert_array_equal(ha.data, hb.data)
+    xr.testing.assert_identical(load_cube(streamed), load_cube(via_ds))
+
+
+def test_fits_streamed_save_holds_one_output_at_a_time(small_cube, tmp_path, monkeypatch):
+    # outputs are computed when the writer reaches them and released after writing
+    import gc
+    import weakref
+
+    from drizzle3d import io
+
+    alive = []
+    real = io._append_hdu
+
+    def spy(path, hdu):
+        gc.collect()
+        alive.append(sum(r() is not None for r in refs))
+        real(path, hdu)
+
+    refs = []
+
+    def items():
+        for name, arr in small_cube._output_items():
+            refs.append(weakref.ref(arr.variable._data))
+            yield name, arr
+
+    monkeypatch.setattr(io, "_append_hdu", spy)
+    io._write_fits_items(items(), small_cube._dataset_attrs(), tmp_path / "c.fits", "single")
+    assert len(refs) >= 8
+    assert max(alive) <= 1, alive
+
+
 def test_fits_round_trip_single_is_float32_of_data(dataset, tmp_path):
     path = save_cube(dataset, tmp_path / "cube.fits")
     actual = load_cube(path)

@@ -136,6 +136,11 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _summary_json(summary) -> str:
+    to_dict = getattr(summary, "to_dict", None)
+    return json.dumps(_jsonable(to_dict() if callable(to_dict) else summary))
+
+
 def _as_dataset(cube) -> xr.Dataset:
     if isinstance(cube, xr.Dataset):
         return cube
@@ -144,7 +149,7 @@ def _as_dataset(cube) -> xr.Dataset:
         ds = to_dataset()
         summary = getattr(cube, "run_summary", None)
         if summary is not None and "run_summary" not in ds.attrs:
-            ds.attrs["run_summary"] = json.dumps(_jsonable(summary))
+            ds.attrs["run_summary"] = _summary_json(summary)
         return ds
     raise TypeError(f"'cube' must be a Drizzle3D or an xarray.Dataset; got {type(cube).__name__}.")
 
@@ -192,6 +197,7 @@ def save_cube(
     *,
     overwrite: bool = False,
     precision: str = "single",
+    attrs: dict | None = None,
 ) -> Path:
     """Write a cube to FITS, netCDF or zarr, atomically.
 
@@ -200,6 +206,8 @@ def save_cube(
     cube : Drizzle3D or xarray.Dataset
         The cube (a :class:`~drizzle3d.Drizzle3D` is converted with
         :meth:`~drizzle3d.Drizzle3D.to_dataset`; its ``run_summary`` is kept).
+        A Drizzle3D is written to FITS straight from its accumulators, one
+        output at a time, so saving needs little memory beyond the cube itself.
     path : str or os.PathLike
         Output file (a directory for zarr).
     format : {"fits", "netcdf", "zarr"}, optional
@@ -210,6 +218,8 @@ def save_cube(
         FITS only: ``"single"`` writes SCI, VARIANCE, WHT and WAVE_SPREAD as float32
         (as the SPHEREx tools do; WAVE_EFF stays float64), ``"double"`` keeps float64.
         netCDF and zarr always keep the dataset's dtypes.
+    attrs : dict, optional
+        Extra dataset attributes to store (they override the cube's own).
 
     Returns
     -------
@@ -246,11 +256,22 @@ def save_cube(
         raise ValueError(f"'format' must be one of {FORMATS}; got {format!r}.")
     if precision not in ("single", "double"):
         raise ValueError(f"'precision' must be 'single' or 'double'; got {precision!r}.")
-    ds = _as_dataset(cube)
+    stream = fmt == "fits" and not isinstance(cube, xr.Dataset) and hasattr(cube, "_output_items")
+    ds = None if stream else _as_dataset(cube)
+    if ds is not None and attrs:
+        ds = ds.copy()
+        ds.attrs.update(attrs)
     _check_target(path, overwrite)
     tmp = _tmp_name(path)
     try:
-        if fmt == "fits":
+        if stream:
+            extra = dict(attrs or {})
+            summary = getattr(cube, "run_summary", None)
+            if summary is not None and "run_summary" not in extra:
+                extra["run_summary"] = _summary_json(summary)
+            _write_fits_items(cube._output_items(), {**cube._dataset_attrs(), **extra}, tmp,
+                              precision)  # fmt: skip
+        elif fmt == "fits":
             _write_fits(ds, tmp, precision)
         elif fmt == "netcdf":
             _clean_for_netcdf(ds).to_netcdf(tmp, engine="h5netcdf")
@@ -408,11 +429,11 @@ def _wavelength_table(ds: xr.Dataset):
     return fits.BinTableHDU.from_columns(cols, name="WAVELENGTH")
 
 
-def _attrs_table(ds: xr.Dataset):
+def _attrs_table(ds: xr.Dataset, var_attrs: dict[str, dict]):
     from astropy.io import fits
 
     rows = [("dataset", "", ds.attrs)]
-    rows += [("var", str(n), ds[n].attrs) for n in ds.data_vars]
+    rows += [("var", str(n), a) for n, a in var_attrs.items()]
     rows += [("coord", str(n), ds[n].attrs) for n in ds.coords]
     scope = [r[0] for r in rows]
     names = [r[1] for r in rows]
@@ -426,7 +447,7 @@ def _attrs_table(ds: xr.Dataset):
     return fits.BinTableHDU.from_columns(cols, name="ATTRS")
 
 
-def _primary(ds: xr.Dataset):
+def _primary(ds: xr.Dataset, bunit: str = ""):
     from astropy.io import fits
 
     from drizzle3d import __version__
@@ -449,37 +470,71 @@ def _primary(ds: xr.Dataset):
     hdr["WAVEMIN"] = (float(ds["wavelength_min"].values[0]), "[um] lower edge of first bin")
     hdr["WAVEMAX"] = (float(ds["wavelength_max"].values[-1]), "[um] upper edge of last bin")
     hdr["NWAVE"] = (int(ds.sizes["wavelength"]), "number of wavelength bins")
-    hdr["BUNIT"] = str(ds["sci"].attrs.get("units", "")) if "sci" in ds else ""
+    hdr["BUNIT"] = bunit
     hdr["D3DVERS"] = (__version__, "drizzle3d version")
     hdr["ORIGIN"] = "drizzle3d"
     return fits.PrimaryHDU(header=hdr)
 
 
 def _write_fits(ds: xr.Dataset, tmp: Path, precision: str) -> None:
-    from astropy.io import fits
-
     if "sci" not in ds:
         raise ValueError("'cube' must have a 'sci' variable to be written as FITS; got none.")
-    cube_hdr = _cube_header(ds)
-    hdus = [_primary(ds)]
-    for name, (ext, single) in _FITS_VARS.items():
-        if name not in ds:
+    names = ["sci", *(str(n) for n in ds.data_vars if n != "sci")]
+    _write_fits_items(((n, ds[n]) for n in names), ds.attrs, tmp, precision, meta=ds)
+
+
+def _write_fits_items(items, attrs: dict, tmp: Path, precision: str, meta=None) -> None:
+    """Write ``(name, DataArray)`` items (``sci`` first) as one FITS cube, HDU by HDU:
+    each array is converted, appended to the file and released before the next.
+    ``meta``: the Dataset whose coordinates and attributes are stored (default: the
+    coordinates of ``sci`` and ``attrs``)."""
+    from astropy.io import fits
+
+    var_attrs: dict[str, dict] = {}
+    started = False
+    for name, arr in items:
+        var_attrs[name] = dict(arr.attrs)
+        if not started:
+            if name != "sci":
+                raise ValueError(
+                    "'cube' must have a 'sci' variable to be written as FITS; got none."
+                )
+            if meta is None:
+                meta = xr.Dataset(coords=arr.coords, attrs=dict(attrs))
+            started = True
+            cube_hdr = _cube_header(meta)
+            bunit = str(arr.attrs.get("units", ""))
+            fits.HDUList([_primary(meta, bunit)]).writeto(tmp, output_verify="exception")
+        if name not in _FITS_VARS:
             continue
-        arr = np.asarray(ds[name].values)
-        if arr.dtype.kind == "f":
+        ext, single = _FITS_VARS[name]
+        values = np.asarray(arr.values)
+        del arr
+        if values.dtype.kind == "f":
             dtype = single if precision == "single" else np.float64
         else:
             dtype = single
         hdr = fits.Header()
         if ext in _WCS_EXTS:
             hdr.extend(cube_hdr)
-        units = ds[name].attrs.get("units")
+        units = var_attrs[name].get("units")
         if units:
             hdr["BUNIT"] = str(units)
-        hdus.append(fits.ImageHDU(np.ascontiguousarray(arr.astype(dtype)), header=hdr, name=ext))
-    hdus.append(_wavelength_table(ds))
-    hdus.append(_attrs_table(ds))
-    fits.HDUList(hdus).writeto(tmp, output_verify="exception")
+        hdu = fits.ImageHDU(np.ascontiguousarray(values.astype(dtype)), header=hdr, name=ext)
+        del values
+        _append_hdu(tmp, hdu)
+        del hdu
+    if not started:
+        raise ValueError("'cube' must have a 'sci' variable to be written as FITS; got none.")
+    _append_hdu(tmp, _wavelength_table(meta))
+    _append_hdu(tmp, _attrs_table(meta, var_attrs))
+
+
+def _append_hdu(path: Path, hdu) -> None:
+    from astropy.io import fits
+
+    hdu.verify("exception")
+    fits.append(path, hdu.data, hdu.header, verify=False)
 
 
 def _read_fits(path: Path) -> xr.Dataset:

@@ -1913,23 +1913,30 @@ def cube_dataset(d: Drizzle3D, *, detector=None) -> xr.Dataset:
         ``pipeline_weighting``, ``exclude_flags``, ``zodi``.
     """
     ds = d.to_dataset()
+    ds.attrs.update(_run_attrs(d, detector))
+    return ds
+
+
+def _run_attrs(d: Drizzle3D, detector=None) -> dict[str, Any]:
+    """The attributes :func:`cube_dataset` adds to a cube's own."""
+    attrs: dict[str, Any] = {}
     summary = getattr(d, "run_summary", None)
     settings = getattr(d, "run_settings", None)
     if summary is not None:
         sd = summary.to_dict()
-        ds.attrs["run_summary"] = json.dumps(
+        attrs["run_summary"] = json.dumps(
             {k: sd[k] for k in ("counts", "reasons", "skipped", "not_overlapping")}
         )
-        ds.attrs["inputs"] = json.dumps(sd["used"])
+        attrs["inputs"] = json.dumps(sd["used"])
     if settings is not None:
-        ds.attrs["pipeline_weighting"] = settings["weighting"]
-        ds.attrs["exclude_flags"] = int(settings["exclude_mask"])
-        ds.attrs["zodi"] = settings["zodi"]
-        ds.attrs["ivar_max"] = float(settings["ivar_max"])
-        ds.attrs["min_overlap"] = float(settings["min_overlap"])
+        attrs["pipeline_weighting"] = settings["weighting"]
+        attrs["exclude_flags"] = int(settings["exclude_mask"])
+        attrs["zodi"] = settings["zodi"]
+        attrs["ivar_max"] = float(settings["ivar_max"])
+        attrs["min_overlap"] = float(settings["min_overlap"])
     if detector is not None:
-        ds.attrs["detector"] = str(detector)
-    return ds
+        attrs["detector"] = str(detector)
+    return attrs
 
 
 # ---------------------------------------------------------------------------
@@ -2082,12 +2089,20 @@ def drizzle(config, *, progress: Callable | None = None) -> dict[str, Path]:
             checkpoint=state if keep_state else None, checkpoint_every=out.checkpoint_every,
             **parallel, **_config_kwargs(config),
         )  # fmt: skip
-        ds = cube_dataset(d, detector=det)
+        attrs = _run_attrs(d, det)
+        ds = None
         for fmt in out.formats:
             ext = {"fits": "fits", "netcdf": "nc", "zarr": "zarr"}[fmt]
             target = out_dir / f"{out.prefix}_D{det}.{ext}"
-            save_cube(ds, target, fmt, overwrite=out.overwrite or resume is not None)
+            if fmt == "fits":  # streamed from the accumulators, one output at a time
+                cube = d
+            else:
+                ds = cube_dataset(d, detector=det) if ds is None else ds
+                cube = ds
+            save_cube(cube, target, fmt, overwrite=out.overwrite or resume is not None,
+                      attrs=attrs)  # fmt: skip
             written[f"D{det}.{ext}"] = target
+        del ds
     return written
 
 

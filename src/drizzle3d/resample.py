@@ -77,6 +77,8 @@ _FIELDS = {
     "or_mask": _kernels.F_MASK,
 }
 _WAVE_FIELDS = ("sum_wl", "sum_wl2")
+# to_dataset variable -> Drizzle3D property, where the name is not ``out_<variable>``
+_OUTPUT_PROPERTIES = {"and_mask": "out_mask"}
 #: Names of the settings a cube's accumulators depend on: stored with its ``state``,
 #: compared by :meth:`Drizzle3D.merge` and when resuming.
 SETTINGS = (
@@ -1394,25 +1396,25 @@ class Drizzle3D:
         >>> sorted(d.to_dataset().data_vars)  # doctest: +NORMALIZE_WHITESPACE
         ['and_mask', 'count', 'ctx', 'or_mask', 'sci', 'var', 'wave', 'wave_spread', 'wht']
         """
-        data_vars = {
-            "sci": self.out_sci,
-            "var": self.out_var,
-            "wht": self.out_wht,
-            "count": self.out_count,
-            "and_mask": self.out_mask,
-            "or_mask": self.out_or_mask,
-        }
-        if self._track_wave:
-            data_vars["wave"] = self.out_wave
-            data_vars["wave_spread"] = self.out_wave_spread
-        if not self._disable_ctx:
-            data_vars["ctx"] = self.out_ctx
         import xarray as xr
 
-        ds = xr.Dataset(data_vars)
-        ds.attrs.update(self._attrs())
-        ds.attrs["fillval"] = self._fillval
+        ds = xr.Dataset(dict(self._output_items()))
+        ds.attrs.update(self._dataset_attrs())
         return ds
+
+    def _output_items(self):
+        """``(name, DataArray)`` of every output of :meth:`to_dataset`, each computed
+        only when the iteration reaches it (writers stream them one at a time)."""
+        names = ["sci", "var", "wht", "count", "and_mask", "or_mask"]
+        if self._track_wave:
+            names += ["wave", "wave_spread"]
+        if not self._disable_ctx:
+            names.append("ctx")
+        for name in names:
+            yield name, getattr(self, _OUTPUT_PROPERTIES.get(name, f"out_{name}"))
+
+    def _dataset_attrs(self) -> dict:
+        return {**self._attrs(), "fillval": self._fillval}
 
     def __repr__(self):
         nz, ny, nx = self._shape
