@@ -29,6 +29,10 @@ from pathlib import Path
 import numpy as np
 from _fields import CENTER, full_frame_field
 
+from drizzle3d._kernels import N_FIELDS
+
+VOXEL_BYTES = 8 * N_FIELDS  # float64 accumulator state per voxel
+
 
 def _field(cache: Path, n: int) -> list[str]:
     return full_frame_field(cache, n, seed=16)
@@ -117,7 +121,7 @@ _TILED = textwrap.dedent(
 def _tiled(paths: list[str], limit_mb: float) -> None:
     nz = 66  # SpectralGrid.oversampled(3, 4)
     pixscale = 3.0
-    side = int(np.sqrt(4 * limit_mb * 1e6 / (64 * nz))) + 1  # state = 4 x limit
+    side = int(np.sqrt(4 * limit_mb * 1e6 / (VOXEL_BYTES * nz))) + 1  # state = 4 x limit
     width = side * pixscale / 60.0
     tile = 128
     with tempfile.TemporaryDirectory() as tmp:
@@ -128,7 +132,7 @@ def _tiled(paths: list[str], limit_mb: float) -> None:
         )  # fmt: skip
     res = json.loads(out.stdout.strip().splitlines()[-1])
     nz, ny, nx = res["shape"]
-    state_mb = nz * ny * nx * 64 / 1e6
+    state_mb = nz * ny * nx * VOXEL_BYTES / 1e6
     print(f"\ntiled run: {len(paths)} full-frame exposures onto a {nz} x {ny} x {nx} mosaic "
           f"({width:.0f}' at {pixscale}\"), tiles {tile}x{tile}, 1 worker")  # fmt: skip
     print(f"  state if untiled {state_mb:8.0f} MB  = {state_mb / limit_mb:.1f} x the limit")

@@ -66,6 +66,47 @@ def test_serial_threads_processes_and_local_cluster_agree(
         assert_same_cube(actual, expected)
 
 
+def _shared_files():
+    from drizzle3d.pipeline import _shared_dir
+
+    return {f for f in os.listdir(_shared_dir()) if f.startswith(f"drizzle3d-{os.getpid()}-")}
+
+
+def test_process_pool_is_kept_and_survives_dead_workers(small_field, small_grid, serial):
+    from drizzle3d import pipeline
+
+    def run(**kw):
+        return drizzle_files(small_field.paths, small_grid, n_workers=2, executor="processes", **kw)
+
+    assert_same_cube(run(), serial)
+    pool = pipeline._POOL["pool"][1]
+    assert_same_cube(run(), serial)
+    assert pipeline._POOL["pool"][1] is pool  # started once, reused
+    # workers killed between runs: the next run starts a new pool and loses nothing
+    for proc in list(pool._processes.values()):
+        proc.kill()
+        proc.join()
+    actual = run()
+    assert pipeline._POOL["pool"][1] is not pool
+    assert_same_cube(actual, serial)
+    assert actual.run_summary.to_dict() == serial.run_summary.to_dict()
+
+    # a worker killed while the run is under way: its inputs are retried, none is lost
+    killed = []
+
+    def progress(iterable, **_kw):
+        if not killed:  # once: the retry rounds run undisturbed
+            procs = list(pipeline._POOL["pool"][1]._processes.values())
+            os.kill(procs[0].pid, signal.SIGKILL)
+            killed.append(procs[0].pid)
+        yield from iterable
+
+    actual = run(progress=progress)
+    assert_same_cube(actual, serial)
+    assert actual.run_summary.to_dict() == serial.run_summary.to_dict()
+    assert not _shared_files()  # no partial left in shared memory
+
+
 def test_input_order_does_not_matter(small_field, small_grid, serial):
     # reversed list, with each image keeping its context id: equal to the serial run
     paths = list(small_field.paths)

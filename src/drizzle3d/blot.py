@@ -940,7 +940,7 @@ def find_outliers(
     wavelengths: ``8 * nz_robust * ny * nx * n_exposures`` bytes, with
     ``nz_robust`` the number of coarse bins (typically 3-6 for one SPHEREx
     detector). Each single-exposure drizzle adds a ``Drizzle3D`` on the box the
-    exposure covers (``64 * nz_robust`` bytes per output pixel of the box),
+    exposure covers (``56 * nz_robust`` bytes per output pixel of the box),
     released before the next one; the blot and its tests use a few float64
     images of the exposure's size.
 

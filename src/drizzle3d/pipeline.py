@@ -1123,11 +1123,13 @@ def _shutdown_pool() -> None:
     if entry is not None:
         entry[1].shutdown(wait=True, cancel_futures=True)
         entry[2].close()
+        entry[2].join_thread()
 
 
 def _process_round(chunks, grid, settings, n_inputs, n_workers, progress):
     """One round of chunks on the process pool: (partials, [(chunk, error), ...])."""
     import glob
+    from concurrent.futures.process import BrokenProcessPool
 
     prefix = os.path.join(_shared_dir(), f"drizzle3d-{os.getpid()}-{uuid.uuid4().hex[:12]}")
     ok, bad = [], []
@@ -1138,8 +1140,14 @@ def _process_round(chunks, grid, settings, n_inputs, n_workers, progress):
                 ticks.get_nowait()
         try:
             shipped = _ShippedGrid(grid)
-            futs = [ex.submit(_process_task, c, shipped, settings, n_inputs, prefix)
-                    for c in chunks]  # fmt: skip
+            try:
+                futs = [ex.submit(_process_task, c, shipped, settings, n_inputs, prefix)
+                        for c in chunks]  # fmt: skip
+            except BrokenProcessPool:  # a worker of the kept pool died since its last run
+                _shutdown_pool()
+                ex, ticks = _process_pool(n_workers)
+                futs = [ex.submit(_process_task, c, shipped, settings, n_inputs, prefix)
+                        for c in chunks]  # fmt: skip
             total = sum(len(c) for c in chunks)
             _pump(progress, total, ticks, lambda: all(f.done() for f in futs))
             for f, c in zip(futs, chunks, strict=True):
@@ -1226,16 +1234,106 @@ def _dask_task(items, shipped, settings, n_inputs, topic):
     return _drizzle_items(items, grid, settings, n_inputs, tick)
 
 
+def _dask_task_shared(items, shipped, settings, n_inputs, topic, prefix):
+    """:func:`_dask_task` for a worker on the client's machine: the partial's
+    accumulators come back through a shared-memory file (see :func:`_process_task`)."""
+    d, summary = _dask_task(items, shipped, settings, n_inputs, topic)
+    path = f"{prefix}-{uuid.uuid4().hex}"
+    try:
+        shared = _shared_array(path, d._accumulator_shape(), create=True)
+        shared[...] = d._acc
+        del shared
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    d._acc = None
+    return path, d, summary
+
+
+def _local_cluster(client) -> bool:
+    """True when every worker of ``client`` runs on this machine."""
+    import socket
+
+    try:
+        hosts = {w.get("host") for w in client.scheduler_info()["workers"].values()}
+        here = {"127.0.0.1", "localhost", "::1", socket.gethostname()}
+        with contextlib.suppress(OSError):
+            here.add(socket.gethostbyname(socket.gethostname()))
+    except Exception:
+        return False
+    return bool(hosts) and hosts <= here
+
+
+def _dask_round_shared(chunks, grid, settings, n_inputs, client, progress):
+    """Submit chunks to workers on this machine; partials come back through shared
+    memory and are merged here (nothing large crosses the network stack)."""
+    import glob
+
+    from distributed import wait
+
+    ticks: queue.SimpleQueue = queue.SimpleQueue()
+    topic = _subscribe(client, ticks)
+    prefix = os.path.join(_shared_dir(), f"drizzle3d-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    ok, bad = [], []
+    try:
+        # one chunk per worker (the scheduler may otherwise queue two on one worker while
+        # another idles); a chunk still moves if its worker dies
+        workers = sorted(client.scheduler_info()["workers"])
+        shipped = _ShippedGrid(grid)
+        futs = [
+            client.submit(
+                _dask_task_shared,
+                c,
+                shipped,
+                settings,
+                n_inputs,
+                topic,
+                prefix,
+                retries=2,
+                pure=False,
+                workers=[workers[i % len(workers)]],
+                allow_other_workers=True,
+            )
+            for i, c in enumerate(chunks)
+        ]
+        _pump(progress, sum(len(c) for c in chunks), ticks,
+              lambda: all(f.done() for f in futs))  # fmt: skip
+        wait(futs)
+        for f, c in zip(futs, chunks, strict=True):
+            try:
+                ok.append(_receive_partial(*f.result()))
+            except Exception as err:  # a worker died on every retry, or a bug
+                bad.append((c, err))
+    finally:
+        _unsubscribe(client, topic)
+        for left in glob.glob(glob.escape(prefix) + "-*"):
+            with contextlib.suppress(OSError):
+                os.unlink(left)
+    return ok, bad
+
+
+def _subscribe(client, ticks) -> str | None:
+    topic = f"drizzle3d-progress-{uuid.uuid4().hex}"
+    try:
+        client.subscribe_topic(topic, lambda _event: ticks.put(1))
+    except (AttributeError, TypeError, ValueError):  # pragma: no cover - old distributed
+        return None
+    return topic
+
+
+def _unsubscribe(client, topic) -> None:
+    if topic is not None:
+        with contextlib.suppress(Exception):
+            client.unsubscribe_topic(topic)
+
+
 def _dask_round(chunks, grid, settings, n_inputs, client, progress):
     """Submit chunks, tree-reduce the partials on the cluster, gather one partial."""
     from distributed import as_completed
 
     ticks: queue.SimpleQueue = queue.SimpleQueue()
-    topic = f"drizzle3d-progress-{uuid.uuid4().hex}"
-    try:
-        client.subscribe_topic(topic, lambda _event: ticks.put(1))
-    except (AttributeError, TypeError, ValueError):  # pragma: no cover - old distributed
-        topic = None
+    topic = _subscribe(client, ticks)
     futs = [
         client.submit(
             _dask_task, c, _ShippedGrid(grid), settings, n_inputs, topic, retries=2, pure=False
@@ -1263,17 +1361,16 @@ def _dask_round(chunks, grid, settings, n_inputs, client, progress):
     th.start()
     _pump(progress, sum(len(c) for c in chunks), ticks, lambda: not th.is_alive())
     th.join()
-    if topic is not None:
-        with contextlib.suppress(Exception):
-            client.unsubscribe_topic(topic)
+    _unsubscribe(client, topic)
     ok = [out["ready"][0].result()] if out["ready"] else []
     return ok, out["bad"]
 
 
 def _run_dask(items, grid, settings, n_inputs, client, n_chunks, progress):
     chunks = _split(items, n_chunks)
+    run_round = _dask_round_shared if _local_cluster(client) else _dask_round
     parts, failed = _staged(
-        lambda group: _dask_round(group, grid, settings, n_inputs, client, progress), chunks
+        lambda group: run_round(group, grid, settings, n_inputs, client, progress), chunks
     )
     return _finish_parts(parts, failed, grid, settings, n_inputs)
 
@@ -1766,7 +1863,7 @@ def drizzle_tiled(
     zodi amplitude exactly as an untiled run would; then every tile drizzles
     only the images whose footprint touches it (reading only the part that
     lands on the tile) and is written to its chunk of the store as soon as it
-    is done. Peak memory is about ``n_workers`` tiles' accumulators (64 bytes
+    is done. Peak memory is about ``n_workers`` tiles' accumulators (56 bytes
     per voxel plus the output copies) plus one image box per worker, whatever
     the size of the mosaic.
 
