@@ -367,23 +367,33 @@ def _quad_areas(xq, yq, i0, j0, ncol, nrow, area):
 
 
 @_jit_inline
-def _band(wavemap, j, i, wave_pixfrac, lam_min, lam_max):
-    """(lo, hi) of a pixel's shrunk band, or (nan, nan) if it maps nowhere."""
+def _band(wavemap, j, i, wave_pixfrac, lam_min, lam_max, e_lo, e_hi, own_lo):
+    """``(lo, hi, own)`` of a pixel's shrunk band.
+
+    ``lo, hi`` are nan unless the band overlaps this cube's edges ``[e_lo, e_hi]``.
+    ``own`` is what a miss of this pixel adds to ``nmiss`` here: 2 if it maps
+    nowhere in ``[lam_min, lam_max]`` (counted by the caller if ``count_outside``),
+    else 1 if this cube counts it (its band starts at or above ``own_lo``), else 0
+    (one slab of a larger grid: another slab counts it).
+    """
     lam = wavemap[j, i, 0]
     bw = wavemap[j, i, 1]
     if not (math.isfinite(lam) and math.isfinite(bw)):
-        return math.nan, math.nan
+        return math.nan, math.nan, 2
     half = 0.5 * bw * wave_pixfrac
     lo = lam - half
     hi = lam + half
     if hi <= lam_min or lo >= lam_max:
-        return math.nan, math.nan
-    return lo, hi
+        return math.nan, math.nan, 2
+    if hi <= e_lo or lo >= e_hi:
+        return math.nan, math.nan, 0
+    return lo, hi, 1 if lo >= own_lo else 0
 
 
 @_jit
 def drizzle_square(
-    data, var, weight, flags, pixmap, wavemap, edges, pixfrac, wave_pixfrac, min_overlap,
+    data, var, weight, flags, pixmap, wavemap, edges, lam_min, lam_max, own_lo, count_outside,
+    pixfrac, wave_pixfrac, min_overlap,
     track_wave, band_centroid, acc, macc, ctx, ctx_plane, ctx_bit, use_ctx, scratch, gather,
     cube, gout, xq, yq, spec, row_hit,
 ):  # fmt: skip
@@ -397,8 +407,8 @@ def drizzle_square(
     ony = cube.shape[0] if gather else acc.shape[0]
     onx = cube.shape[1] if gather else acc.shape[1]
     nz = edges.size - 1
-    lam_min = edges[0]
-    lam_max = edges[nz]
+    e_lo = edges[0]
+    e_hi = edges[nz]
     dh = 0.5 * pixfrac
     # bilinear weights of a shrunk corner in its cell (same for all four corners)
     wa_c = (1.0 - dh) * (1.0 - dh)
@@ -411,9 +421,12 @@ def drizzle_square(
         for ti in range(0, nx, _TILE):
             for j in range(tj, min(tj + _TILE, ny)):
                 for i in range(ti, min(ti + _TILE, nx)):
-                    lo, hi = _band(wavemap, j, i, wave_pixfrac, lam_min, lam_max)
+                    lo, hi, own = _band(
+                        wavemap, j, i, wave_pixfrac, lam_min, lam_max, e_lo, e_hi, own_lo
+                    )
                     if not math.isfinite(lo):
-                        nmiss += 1
+                        if own == 1 or (own == 2 and count_outside):
+                            nmiss += 1
                         continue
                     ok = True
                     if i > 0 and j > 0 and i < nx - 1 and j < ny - 1:
@@ -440,7 +453,7 @@ def drizzle_square(
                         if not (math.isfinite(xq[c]) and math.isfinite(yq[c])):
                             ok = False
                     if not ok:
-                        nmiss += 1
+                        nmiss += own
                         continue
                     jaco = 0.5 * abs(
                         (xq[0] - xq[2]) * (yq[1] - yq[3]) - (xq[1] - xq[3]) * (yq[0] - yq[2])
@@ -454,7 +467,7 @@ def drizzle_square(
                     j0 = max(_nint(ymn), 0)
                     j1 = min(_nint(ymx), ony - 1)
                     if jaco <= 0.0 or i1 < i0 or j1 < j0:
-                        nmiss += 1
+                        nmiss += own
                         continue
                     inv_jaco = 1.0 / jaco
                     nspec = _spectral_overlaps(edges, lo, hi, band_centroid, spec)
@@ -489,13 +502,14 @@ def drizzle_square(
                     if landed:
                         row_hit[j] = True
                     else:
-                        nmiss += 1
+                        nmiss += own
     return nmiss, ny - int(row_hit.sum())
 
 
 @_jit
 def drizzle_centred(
-    kernel_id, data, var, weight, flags, pixmap, wavemap, edges, pixfrac, wave_pixfrac, pscale,
+    kernel_id, data, var, weight, flags, pixmap, wavemap, edges, lam_min, lam_max, own_lo,
+    count_outside, pixfrac, wave_pixfrac, pscale,
     min_overlap, track_wave, band_centroid, lut, acc, macc, ctx, ctx_plane, ctx_bit, use_ctx,
     gather, cube, gout, spec, row_hit,
 ):  # fmt: skip
@@ -510,8 +524,8 @@ def drizzle_centred(
     ony = cube.shape[0] if gather else acc.shape[0]
     onx = cube.shape[1] if gather else acc.shape[1]
     nz = edges.size - 1
-    lam_min = edges[0]
-    lam_max = edges[nz]
+    e_lo = edges[0]
+    e_hi = edges[nz]
     inv_s = 1.0 / pscale
     efac = 0.0
     es = 0.0
@@ -538,11 +552,17 @@ def drizzle_centred(
         for ti in range(0, nx, _TILE):
             for j in range(tj, min(tj + _TILE, ny)):
                 for i in range(ti, min(ti + _TILE, nx)):
-                    lo, hi = _band(wavemap, j, i, wave_pixfrac, lam_min, lam_max)
+                    lo, hi, own = _band(
+                        wavemap, j, i, wave_pixfrac, lam_min, lam_max, e_lo, e_hi, own_lo
+                    )
+                    if not math.isfinite(lo):
+                        if own == 1 or (own == 2 and count_outside):
+                            nmiss += 1
+                        continue
                     xc = pixmap[j, i, 0]
                     yc = pixmap[j, i, 1]
-                    if not (math.isfinite(lo) and math.isfinite(xc) and math.isfinite(yc)):
-                        nmiss += 1
+                    if not (math.isfinite(xc) and math.isfinite(yc)):
+                        nmiss += own
                         continue
                     nspec = _spectral_overlaps(edges, lo, hi, band_centroid, spec)
                     w = weight[j, i]
@@ -595,12 +615,13 @@ def drizzle_centred(
                     if landed:
                         row_hit[j] = True
                     else:
-                        nmiss += 1
+                        nmiss += own
     return nmiss, ny - int(row_hit.sum())
 
 
 def drizzle_image(
-    kernel_id, data, var, weight, flags, pixmap, wavemap, edges, pixfrac, wave_pixfrac, pscale,
+    kernel_id, data, var, weight, flags, pixmap, wavemap, edges, lam_min, lam_max, own_lo,
+    count_outside, pixfrac, wave_pixfrac, pscale,
     min_overlap, track_wave, band_centroid, lut, acc, macc, ctx, ctx_plane, ctx_bit, use_ctx,
     gather=False, cube=None, gout=None,
 ):  # fmt: skip
@@ -618,6 +639,15 @@ def drizzle_image(
         Output (x, y) of each pixel centre; central wavelength and bandwidth.
     edges : float64 (nz + 1,)
         Increasing wavelength bin edges.
+    lam_min, lam_max, own_lo : float; count_outside : bool
+        Miss accounting. Normally ``edges[0]``, ``edges[-1]``, ``-inf``, True:
+        every pixel that lands nowhere counts in ``nmiss``. When ``edges`` are
+        one slab of a larger grid ``[lam_min, lam_max]``: a pixel whose band
+        misses the slab is not this slab's; one whose band overlaps it counts
+        here only if the band starts at or above ``own_lo`` (the slab's lower
+        edge; ``-inf`` for the first slab), and one whose band misses the whole
+        grid only if ``count_outside`` (the first slab). The slabs' ``nmiss``
+        then add up to the whole grid's.
     pixfrac, wave_pixfrac, pscale, min_overlap : float
         Spatial and spectral shrink factors, output/input pixel-size ratio, and
         minimum fraction of a drop's volume for a voxel contribution to count.
@@ -653,15 +683,16 @@ def drizzle_image(
     row_hit = np.zeros(data.shape[0], dtype=np.bool_)
     if kernel_id == 0:
         return drizzle_square(
-            data, var, weight, flags, pixmap, wavemap, edges, pixfrac, wave_pixfrac,
-            min_overlap, track_wave, band_centroid, acc, macc, ctx, ctx_plane, ctx_bit, use_ctx,
+            data, var, weight, flags, pixmap, wavemap, edges, lam_min, lam_max, own_lo,
+            count_outside, pixfrac, wave_pixfrac, min_overlap, track_wave, band_centroid, acc,
+            macc, ctx, ctx_plane, ctx_bit, use_ctx,
             np.zeros((_SCRATCH, _SCRATCH)), gather, cube, gout, np.empty(4), np.empty(4),
             spec, row_hit,
         )  # fmt: skip
     return drizzle_centred(
-        kernel_id, data, var, weight, flags, pixmap, wavemap, edges, pixfrac, wave_pixfrac,
-        pscale, min_overlap, track_wave, band_centroid, lut, acc, macc, ctx, ctx_plane, ctx_bit,
-        use_ctx, gather, cube, gout, spec, row_hit,
+        kernel_id, data, var, weight, flags, pixmap, wavemap, edges, lam_min, lam_max, own_lo,
+        count_outside, pixfrac, wave_pixfrac, pscale, min_overlap, track_wave, band_centroid, lut,
+        acc, macc, ctx, ctx_plane, ctx_bit, use_ctx, gather, cube, gout, spec, row_hit,
     )  # fmt: skip
 
 

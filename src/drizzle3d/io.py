@@ -46,10 +46,12 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import xarray as xr
+
+if TYPE_CHECKING:  # imported where Datasets are made (FITS writing needs none)
+    import xarray as xr
 
 __all__ = [
     "FORMATS",
@@ -142,6 +144,8 @@ def _summary_json(summary) -> str:
 
 
 def _as_dataset(cube) -> xr.Dataset:
+    import xarray as xr
+
     if isinstance(cube, xr.Dataset):
         return cube
     to_dataset = getattr(cube, "to_dataset", None)
@@ -256,7 +260,7 @@ def save_cube(
         raise ValueError(f"'format' must be one of {FORMATS}; got {format!r}.")
     if precision not in ("single", "double"):
         raise ValueError(f"'precision' must be 'single' or 'double'; got {precision!r}.")
-    stream = fmt == "fits" and not isinstance(cube, xr.Dataset) and hasattr(cube, "_output_items")
+    stream = fmt == "fits" and hasattr(cube, "_output_items")
     ds = None if stream else _as_dataset(cube)
     if ds is not None and attrs:
         ds = ds.copy()
@@ -269,8 +273,9 @@ def save_cube(
             summary = getattr(cube, "run_summary", None)
             if summary is not None and "run_summary" not in extra:
                 extra["run_summary"] = _summary_json(summary)
-            _write_fits_items(cube._output_items(), {**cube._dataset_attrs(), **extra}, tmp,
-                              precision)  # fmt: skip
+            meta = _PlainMeta(cube._coords(), {**cube._dataset_attrs(), **extra})
+            _write_fits_items(cube._output_items(plain=True), meta.attrs, tmp, precision, meta)
+
         elif fmt == "fits":
             _write_fits(ds, tmp, precision)
         elif fmt == "netcdf":
@@ -332,8 +337,12 @@ def load_cube(path: str | os.PathLike, format: str | None = None) -> xr.Dataset:
     if fmt == "fits":
         return _read_fits(path)
     if fmt == "netcdf":
+        import xarray as xr
+
         with xr.open_dataset(path, engine="h5netcdf") as ds:
             return _restore(ds.load())
+    import xarray as xr
+
     with xr.open_zarr(path, consolidated=False) as ds:
         return _restore(ds.load())
 
@@ -500,6 +509,8 @@ def _write_fits_items(items, attrs: dict, tmp: Path, precision: str, meta=None) 
                     "'cube' must have a 'sci' variable to be written as FITS; got none."
                 )
             if meta is None:
+                import xarray as xr
+
                 meta = xr.Dataset(coords=arr.coords, attrs=dict(attrs))
             started = True
             cube_hdr = _cube_header(meta)
@@ -528,6 +539,26 @@ def _write_fits_items(items, attrs: dict, tmp: Path, precision: str, meta=None) 
         raise ValueError("'cube' must have a 'sci' variable to be written as FITS; got none.")
     _append_hdu(tmp, _wavelength_table(meta))
     _append_hdu(tmp, _attrs_table(meta, var_attrs))
+
+
+class _PlainMeta:
+    """What the FITS writers read of a Dataset (coordinates with their attributes, the
+    dataset's attributes), from a cube's ``_coords()`` without building one."""
+
+    def __init__(self, coords: dict, attrs: dict):
+        from drizzle3d.resample import _PlainArray
+
+        self._coords = {name: _PlainArray(np.asarray(c[1]), dict(c[2]) if len(c) > 2 else {})
+                        for name, c in coords.items()}  # fmt: skip
+        self.attrs = dict(attrs)
+        self.coords = list(self._coords)
+        self.sizes = {"wavelength": self._coords["wavelength"].values.size}
+
+    def __getitem__(self, name):
+        return self._coords[name]
+
+    def __contains__(self, name):
+        return name in self._coords
 
 
 def _append_hdu(path: Path, hdu) -> None:
@@ -584,6 +615,8 @@ def _read_fits(path: Path) -> xr.Dataset:
             ra, dec = spatial.world_coords()
             coords["ra"] = (("y", "x"), ra)
             coords["dec"] = (("y", "x"), dec)
+    import xarray as xr
+
     ds = xr.Dataset(data_vars, coords=coords)
     for name in list(ds.coords):
         ds[name].attrs = attrs["coord"].get(name, {})

@@ -44,6 +44,7 @@ the naive sum, says so in ``attrs["error_method"]`` and logs a warning.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import logging
@@ -73,6 +74,7 @@ from drizzle3d.spherex import (
     flag_bits,
     read_header_wcs,
     read_spherex,
+    spectral_wavemap,
 )
 
 __all__ = [
@@ -469,7 +471,24 @@ def image_footprint(path: str | os.PathLike, grid: OutputGrid, *, margin: float 
             max(0, box.xmin - 1), min(nx - 1, box.xmax + 1),
             max(0, box.ymin - 1), min(ny - 1, box.ymax + 1),
         )  # fmt: skip
+    if box is not None:
+        # the LVF: a box sees only part of the detector's range; a box whose bands all
+        # miss the grid's wavelengths (e.g. one spectral slab of it) lands nowhere
+        lim = _band_limits(spectral_wavemap(path, bbox=(box.ymin, box.ymax + 1,
+                                                       box.xmin, box.xmax + 1)))  # fmt: skip
+        if lim is None or lim[1] <= edges[0] or lim[0] >= edges[-1]:
+            box = None
     return ImageFootprint(path, det, shape, box, wcs)
+
+
+def _band_limits(wavemap: np.ndarray) -> tuple[float, float] | None:
+    """Lowest and highest band edge of a wavemap (None if no pixel has a band)."""
+    lam = wavemap[..., 0]
+    half = 0.5 * wavemap[..., 1]
+    ok = np.isfinite(lam) & np.isfinite(half)
+    if not ok.any():
+        return None
+    return float((lam - half)[ok].min()), float((lam + half)[ok].max())
 
 
 def read_image_box(path: str | os.PathLike, bbox: BBox, *, zodi: str = "fit"):
@@ -757,7 +776,14 @@ def _map_one(path, ctx_id: int, grid, settings) -> tuple[PreparedImage | None, d
     return prep, {"path": path, "status": "used", "ctx_id": ctx_id}
 
 
-def _add_one(d: Drizzle3D, prep: PreparedImage, ctx_id: int, flags=None) -> dict:
+def _add_one(d: Drizzle3D, prep: PreparedImage, ctx_id: int, flags=None, slab=None) -> dict:
+    if slab is not None:
+        # one spectral slab of a larger grid: count each missed pixel in one slab only
+        # (see _kernels.drizzle_image); pixels outside the grid go to the image's first slab
+        lam_min, lam_max, own_lo = slab
+        lim = _band_limits(prep.wavemap)
+        first = own_lo == -math.inf or (lim is not None and lim[0] >= own_lo)
+        d._band_range = (lam_min, lam_max, own_lo, first)
     nmiss, _ = d.add_image(
         prep.data,
         prep.var,
@@ -925,7 +951,7 @@ def _drizzle_items(
         try:
             prep, rec = _map_one(path, ctx_id, grid, settings)
             if prep is not None:
-                used = _add_one(d, prep, ctx_id)
+                used = _add_one(d, prep, ctx_id, slab=settings.get("slab"))
                 used["hash"] = key["hash"] if key else file_hash(path)
                 summary.used.append(used)
             else:
@@ -1417,6 +1443,11 @@ def _run_items(items, grid, settings, n_inputs, *, n_workers, executor, client, 
     return _run_processes(items, grid, settings, n_inputs, n_workers, progress)
 
 
+#: ``(lam_min, lam_max, own_lo)`` while :func:`_drizzle_slabs` drizzles one spectral slab
+#: of a grid spanning ``[lam_min, lam_max]`` whose lower edge is ``own_lo`` (``-inf`` for
+#: the first slab); read by :func:`drizzle_files` into its settings.
+_SLAB: contextvars.ContextVar = contextvars.ContextVar("drizzle3d_slab", default=None)
+
 #: Local parallel back-ends of :func:`drizzle_files`.
 EXECUTORS = ("threads", "processes")
 #: How duplicate inputs (already in the cube, or listed twice) are treated.
@@ -1656,6 +1687,9 @@ def drizzle_files(
         "fast_pixmap": bool(fast_pixmap),
         "outliers": outl,
     }
+    slab = _SLAB.get()
+    if slab is not None:
+        settings["slab"] = slab
     if outl.get("enabled") and (resume is not None or checkpoint is not None):
         raise ValueError(
             "'outliers' must be disabled for incremental or checkpointed runs; got enabled."
@@ -2014,7 +2048,7 @@ def cube_dataset(d: Drizzle3D, *, detector=None) -> xr.Dataset:
     return ds
 
 
-def _run_attrs(d: Drizzle3D, detector=None) -> dict[str, Any]:
+def _run_attrs(d, detector=None) -> dict[str, Any]:
     """The attributes :func:`cube_dataset` adds to a cube's own."""
     attrs: dict[str, Any] = {}
     summary = getattr(d, "run_summary", None)
@@ -2034,6 +2068,140 @@ def _run_attrs(d: Drizzle3D, detector=None) -> dict[str, Any]:
     if detector is not None:
         attrs["detector"] = str(detector)
     return attrs
+
+
+# ---------------------------------------------------------------------------
+# spectral slabs: a FITS cube whose accumulators would not fit a memory budget
+# ---------------------------------------------------------------------------
+
+#: Accumulator memory (bytes) above which :func:`drizzle` makes a FITS-only cube in
+#: spectral slabs (see :func:`_drizzle_slabs`).
+SLAB_STATE_BYTES = 32 * 2**20
+
+
+def _n_slabs(grid: OutputGrid) -> int:
+    from drizzle3d._kernels import N_FIELDS
+
+    nz, ny, nx = grid.shape
+    return max(1, min(nz, math.ceil(nz * ny * nx * N_FIELDS * 8 / SLAB_STATE_BYTES)))
+
+
+class _SlabbedCube:
+    """A cube drizzled slab by slab: each slab's outputs wait in a temporary directory
+    and are served whole, one output at a time, to :func:`drizzle3d.io.save_cube`."""
+
+    def __init__(self, cube: Drizzle3D, tmp, bounds, meta: dict, summary, settings):
+        self._cube = cube  # the whole grid, accumulators never touched
+        self._tmp = tmp
+        self._bounds = bounds
+        self._meta = meta  # output name -> (dtype, units, long_name)
+        self.run_summary = summary
+        self.run_settings = settings
+
+    def _output_items(self, plain: bool = False):
+        for name, (dtype, units, long_name) in self._meta.items():
+            if name == "ctx":
+                values = None
+            else:
+                nz, ny, nx = self._cube._shape
+                values = np.empty((nz, ny, nx), dtype=dtype)
+                for k, (z0, z1) in enumerate(self._bounds):
+                    values[z0:z1] = np.load(os.path.join(self._tmp.name, f"{name}-{k}.npy"))
+            self._cube._plain_outputs = plain
+            try:
+                if values is None:
+                    item = self._cube.out_ctx
+                else:
+                    item = self._cube._cube(name, np.moveaxis(values, 0, 2), units, long_name)
+            finally:
+                self._cube._plain_outputs = False
+            del values
+            yield name, item
+
+    def _coords(self) -> dict:
+        return self._cube._coords()
+
+    def _dataset_attrs(self) -> dict:
+        return self._cube._dataset_attrs()
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+
+def _union_summaries(parts: list[RunSummary], paths: list[str]) -> RunSummary:
+    """One run's summary from its slabs': an input is used if any slab used it (its
+    ``nmiss`` summed: each missed pixel is counted by one slab), skipped if a slab
+    could not read it, else not overlapping."""
+    used: dict[str, dict] = {}
+    skipped: dict[str, dict] = {}
+    for part in parts:
+        for u in part.used:
+            if u["path"] in used:
+                used[u["path"]]["nmiss"] += u["nmiss"]
+            else:
+                used[u["path"]] = dict(u)
+        for sk in part.skipped:
+            skipped.setdefault(sk["path"], sk)
+    for path in set(used) & set(skipped):
+        logger.warning("%s failed in some spectral slabs only: %s", path, skipped[path]["reason"])
+    order = {p: i for i, p in enumerate(paths)}
+    return RunSummary(
+        used=sorted(used.values(), key=lambda u: u["ctx_id"]),
+        skipped=sorted(skipped.values(), key=lambda sk: order.get(sk["path"], -1)),
+        not_overlapping=[p for p in paths if p not in used and p not in skipped],
+    )
+
+
+def _drizzle_slabs(paths: list[str], grid: OutputGrid, n_slabs: int, kwargs: dict) -> _SlabbedCube:
+    """:func:`drizzle_files` over ``n_slabs`` contiguous ranges of wavelength bins, one
+    at a time, so only one slab's accumulators are in memory.
+
+    Every voxel gets exactly the contributions of a whole-grid run, in the same order
+    (a slab reads the same box of each image, with the same zodi fit and weight), so
+    the outputs are identical; an image is read only for the slabs its bands reach.
+    """
+    import tempfile
+
+    edges = np.asarray(grid.wave_edges, dtype=np.float64)
+    nz = edges.size - 1
+    bounds = [(nz * k // n_slabs, nz * (k + 1) // n_slabs) for k in range(n_slabs)]
+    tmp = tempfile.TemporaryDirectory(prefix="drizzle3d-slabs-")
+    meta: dict[str, tuple] = {}
+    ctx, parts, settings = None, [], {}
+    try:
+        for k, (z0, z1) in enumerate(bounds):
+            sub = OutputGrid(grid.spatial, SpectralGrid(edges[z0 : z1 + 1]))
+            own_lo = -math.inf if k == 0 else float(edges[z0])
+            token = _SLAB.set((float(edges[0]), float(edges[-1]), own_lo))
+            try:
+                d = drizzle_files(paths, sub, **kwargs)
+            finally:
+                _SLAB.reset(token)
+            for name, arr in d._output_items(plain=True):
+                if name == "ctx":
+                    ctx = arr.values.copy() if ctx is None else ctx | arr.values
+                else:
+                    np.save(os.path.join(tmp.name, f"{name}-{k}.npy"), arr.values)
+                meta[name] = (arr.dtype, arr.attrs.get("units", ""), arr.attrs.get("long_name"))
+                del arr
+            parts.append(d.run_summary)
+            settings = {key: v for key, v in d.run_settings.items() if key != "slab"}
+            del d
+        summary = _union_summaries(parts, [os.fspath(p) for p in paths])
+        whole = _new_cube(grid, settings, len(paths))
+        if ctx is not None:
+            whole._ctx = ctx
+        whole._ctx_ids = [int(u["ctx_id"]) for u in summary.used]
+        whole._ctx_id = max(whole._ctx_ids, default=-1) + 1
+        whole._n_images = len(summary.used)
+        total = 0.0
+        for u in summary.used:
+            total += u["exptime"]
+        whole._total_exptime = total
+    except BaseException:
+        tmp.cleanup()
+        raise
+    return _SlabbedCube(whole, tmp, bounds, meta, summary, settings)
 
 
 # ---------------------------------------------------------------------------
@@ -2179,6 +2347,25 @@ def drizzle(config, *, progress: Callable | None = None) -> dict[str, Path]:
         }
         state = out_dir / f"{out.prefix}_D{det}.state.zarr"
         keep_state = out.update or out.checkpoint_every > 0
+        n_slabs = _n_slabs(grid)
+        if (
+            n_slabs > 1
+            and list(out.formats) == ["fits"]
+            and not keep_state
+            and not config.outliers.enabled
+        ):
+            # a FITS cube is written output by output: drizzle it slab by slab too, so
+            # memory stays near SLAB_STATE_BYTES whatever the grid
+            target = out_dir / f"{out.prefix}_D{det}.fits"
+            kwargs = {"progress": progress, **parallel, **_config_kwargs(config)}
+            cube = _drizzle_slabs(files, grid, n_slabs, kwargs)
+            try:
+                save_cube(cube, target, "fits", overwrite=out.overwrite,
+                          attrs=_run_attrs(cube, det))  # fmt: skip
+            finally:
+                cube.close()
+            written[f"D{det}.fits"] = target
+            continue
         resume = state if keep_state and state.exists() else None
         d = drizzle_files(
             files, grid, outliers=config.outliers.to_dict(), progress=progress,

@@ -51,6 +51,18 @@ CTX_PLANE_BITS = 32
 _NON_CONSERVING = ("gaussian", "lanczos2", "lanczos3")
 
 
+class _PlainArray(NamedTuple):
+    """An output as a plain array and its attributes (what a writer needs of a
+    DataArray, without importing xarray)."""
+
+    values: np.ndarray
+    attrs: dict
+
+    @property
+    def dtype(self):
+        return self.values.dtype
+
+
 class _Prepared(NamedTuple):
     """One image's validated arrays, restricted to its box."""
 
@@ -280,6 +292,10 @@ class Drizzle3D:
         self._grid = grid
         self._shape = shape
         self._edges = edges
+        # miss accounting (lam_min, lam_max, own_lo, count_outside) of the kernels when
+        # this cube is one spectral slab of a larger grid (None: a whole grid)
+        self._band_range = None
+        self._plain_outputs = False  # outputs as _PlainArray (see _output_items)
         self._kernel = kernel
         self._pixfrac = check_fraction("pixfrac", pixfrac)
         self._wave_pixfrac = check_fraction("wave_pixfrac", wave_pixfrac)
@@ -616,6 +632,7 @@ class Drizzle3D:
             p.pixmap,
             p.wavemap,
             self._edges,
+            *(self._band_range or (self._edges[0], self._edges[-1], -np.inf, True)),
             self._pixfrac,
             self._wave_pixfrac,
             p.pscale,
@@ -1121,15 +1138,12 @@ class Drizzle3D:
 
     def _cube(self, name, values, units, long_name):
         arr = np.ascontiguousarray(np.moveaxis(values, 2, 0))
+        attrs = {"units": units, "long_name": long_name, **self._attrs()}
+        if self._plain_outputs:
+            return _PlainArray(arr, attrs)
         import xarray as xr
 
-        return xr.DataArray(
-            arr,
-            dims=DIMS,
-            coords=self._coords(),
-            name=name,
-            attrs={"units": units, "long_name": long_name, **self._attrs()},
-        )
+        return xr.DataArray(arr, dims=DIMS, coords=self._coords(), name=name, attrs=attrs)
 
     def _ratio(self, num, fill):
         w = self._field("sum_w")
@@ -1360,6 +1374,9 @@ class Drizzle3D:
         >>> int(d.out_ctx[0, 2, 2])  # image 0 landed here
         1
         """
+        attrs = {"long_name": "context: which images contributed", "ctx_plane_bits": CTX_PLANE_BITS}
+        if self._plain_outputs:
+            return _PlainArray(self._ctx.copy(), attrs)
         import xarray as xr
 
         return xr.DataArray(
@@ -1367,10 +1384,7 @@ class Drizzle3D:
             dims=("ctx_plane", "y", "x"),
             coords={"y": np.arange(self._shape[1]), "x": np.arange(self._shape[2])},
             name="ctx",
-            attrs={
-                "long_name": "context: which images contributed",
-                "ctx_plane_bits": CTX_PLANE_BITS,
-            },
+            attrs=attrs,
         )
 
     def to_dataset(self) -> xr.Dataset:
@@ -1402,16 +1416,22 @@ class Drizzle3D:
         ds.attrs.update(self._dataset_attrs())
         return ds
 
-    def _output_items(self):
+    def _output_items(self, plain: bool = False):
         """``(name, DataArray)`` of every output of :meth:`to_dataset`, each computed
-        only when the iteration reaches it (writers stream them one at a time)."""
+        only when the iteration reaches it (writers stream them one at a time); with
+        ``plain``, :class:`_PlainArray` values instead (no xarray needed)."""
         names = ["sci", "var", "wht", "count", "and_mask", "or_mask"]
         if self._track_wave:
             names += ["wave", "wave_spread"]
         if not self._disable_ctx:
             names.append("ctx")
         for name in names:
-            yield name, getattr(self, _OUTPUT_PROPERTIES.get(name, f"out_{name}"))
+            self._plain_outputs = plain
+            try:
+                item = getattr(self, _OUTPUT_PROPERTIES.get(name, f"out_{name}"))
+            finally:
+                self._plain_outputs = False
+            yield name, item
 
     def _dataset_attrs(self) -> dict:
         return {**self._attrs(), "fillval": self._fillval}
