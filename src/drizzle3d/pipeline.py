@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import hashlib
 import json
 import logging
@@ -71,10 +72,10 @@ from drizzle3d.resample import Drizzle3D
 from drizzle3d.spherex import (
     DEFAULT_EXCLUDE_FLAGS,
     SpherexFileError,
+    band_limits,
     flag_bits,
     read_header_wcs,
     read_spherex,
-    spectral_wavemap,
 )
 
 __all__ = [
@@ -474,21 +475,10 @@ def image_footprint(path: str | os.PathLike, grid: OutputGrid, *, margin: float 
     if box is not None:
         # the LVF: a box sees only part of the detector's range; a box whose bands all
         # miss the grid's wavelengths (e.g. one spectral slab of it) lands nowhere
-        lim = _band_limits(spectral_wavemap(path, bbox=(box.ymin, box.ymax + 1,
-                                                       box.xmin, box.xmax + 1)))  # fmt: skip
+        lim = band_limits(path, (box.ymin, box.ymax + 1, box.xmin, box.xmax + 1))
         if lim is None or lim[1] <= edges[0] or lim[0] >= edges[-1]:
             box = None
     return ImageFootprint(path, det, shape, box, wcs)
-
-
-def _band_limits(wavemap: np.ndarray) -> tuple[float, float] | None:
-    """Lowest and highest band edge of a wavemap (None if no pixel has a band)."""
-    lam = wavemap[..., 0]
-    half = 0.5 * wavemap[..., 1]
-    ok = np.isfinite(lam) & np.isfinite(half)
-    if not ok.any():
-        return None
-    return float((lam - half)[ok].min()), float((lam + half)[ok].max())
 
 
 def read_image_box(path: str | os.PathLike, bbox: BBox, *, zodi: str = "fit"):
@@ -751,15 +741,26 @@ def _new_cube(grid, settings: dict[str, Any], n_inputs: int) -> Drizzle3D:
 def _map_one(path, ctx_id: int, grid, settings) -> tuple[PreparedImage | None, dict]:
     """Map step for one file: (prepared image or None, record)."""
     path = os.fspath(path)
+    known = (settings.get("footprints") or {}).get(path)
     try:
-        prep = prepare_image(
-            path,
-            grid,
-            weighting=settings["weighting"],
-            exclude_mask=settings["exclude_mask"],
-            zodi=settings["zodi"],
-            fast_pixmap=settings["fast_pixmap"],
-        )
+        if known is not None:  # one spectral slab of a run: the box is the whole grid's
+            bbox, lim = known
+            edges = grid.wave_edges
+            reaches = bbox is not None and lim is not None and lim[1] > edges[0]
+            prep = None if not (reaches and lim[0] < edges[-1]) else prepare_image(
+                path, grid, weighting=settings["weighting"],
+                exclude_mask=settings["exclude_mask"], zodi=settings["zodi"],
+                fast_pixmap=settings["fast_pixmap"], bbox=BBox(*bbox),
+            )  # fmt: skip
+        else:
+            prep = prepare_image(
+                path,
+                grid,
+                weighting=settings["weighting"],
+                exclude_mask=settings["exclude_mask"],
+                zodi=settings["zodi"],
+                fast_pixmap=settings["fast_pixmap"],
+            )
     except SpherexFileError as err:
         reason = getattr(err, "problem", None) or str(err)
         logger.warning("skipping %s: %s", path, reason)
@@ -781,7 +782,8 @@ def _add_one(d: Drizzle3D, prep: PreparedImage, ctx_id: int, flags=None, slab=No
         # one spectral slab of a larger grid: count each missed pixel in one slab only
         # (see _kernels.drizzle_image); pixels outside the grid go to the image's first slab
         lam_min, lam_max, own_lo = slab
-        lim = _band_limits(prep.wavemap)
+        b = prep.bbox
+        lim = band_limits(prep.path, (b.ymin, b.ymax + 1, b.xmin, b.xmax + 1))
         first = own_lo == -math.inf or (lim is not None and lim[0] >= own_lo)
         d._band_range = (lam_min, lam_max, own_lo, first)
     nmiss, _ = d.add_image(
@@ -915,7 +917,15 @@ def file_hash(path: str | os.PathLike) -> str:
     False
     """
     path = os.fspath(path)
-    size = os.path.getsize(path)
+    st = os.stat(path)
+    return _file_hash(path, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=1024)
+def _file_hash(path: str, version: tuple) -> str:
+    """:func:`file_hash` of one version of a file (cached: runs over spectral slabs or
+    resumed runs ask for the same files again)."""
+    size = version[2]
     h = hashlib.blake2b(digest_size=16)
     h.update(str(size).encode())
     with open(path, "rb") as fh:
@@ -1443,9 +1453,10 @@ def _run_items(items, grid, settings, n_inputs, *, n_workers, executor, client, 
     return _run_processes(items, grid, settings, n_inputs, n_workers, progress)
 
 
-#: ``(lam_min, lam_max, own_lo)`` while :func:`_drizzle_slabs` drizzles one spectral slab
-#: of a grid spanning ``[lam_min, lam_max]`` whose lower edge is ``own_lo`` (``-inf`` for
-#: the first slab); read by :func:`drizzle_files` into its settings.
+#: ``((lam_min, lam_max, own_lo), footprints)`` while :func:`_drizzle_slabs` drizzles one
+#: spectral slab of a grid spanning ``[lam_min, lam_max]`` whose lower edge is ``own_lo``
+#: (``-inf`` for the first slab); ``footprints``: ``{path: (box, band limits)}`` on the
+#: whole grid. Read by :func:`drizzle_files` into its settings.
 _SLAB: contextvars.ContextVar = contextvars.ContextVar("drizzle3d_slab", default=None)
 
 #: Local parallel back-ends of :func:`drizzle_files`.
@@ -1689,7 +1700,7 @@ def drizzle_files(
     }
     slab = _SLAB.get()
     if slab is not None:
-        settings["slab"] = slab
+        settings["slab"], settings["footprints"] = slab
     if outl.get("enabled") and (resume is not None or checkpoint is not None):
         raise ValueError(
             "'outliers' must be disabled for incremental or checkpointed runs; got enabled."
@@ -2165,6 +2176,16 @@ def _drizzle_slabs(paths: list[str], grid: OutputGrid, n_slabs: int, kwargs: dic
     edges = np.asarray(grid.wave_edges, dtype=np.float64)
     nz = edges.size - 1
     bounds = [(nz * k // n_slabs, nz * (k + 1) // n_slabs) for k in range(n_slabs)]
+    footprints = {}  # every slab has the same boxes: find them (and their bands) once
+    for path in paths:
+        path = os.fspath(path)
+        try:
+            box = image_footprint(path, grid).bbox
+            lim = None if box is None else band_limits(path, (box.ymin, box.ymax + 1,
+                                                              box.xmin, box.xmax + 1))  # fmt: skip
+        except Exception:  # each slab's run reports the file as a whole-grid run would
+            continue
+        footprints[path] = (None if box is None else tuple(box), lim)
     tmp = tempfile.TemporaryDirectory(prefix="drizzle3d-slabs-")
     meta: dict[str, tuple] = {}
     ctx, parts, settings = None, [], {}
@@ -2172,7 +2193,7 @@ def _drizzle_slabs(paths: list[str], grid: OutputGrid, n_slabs: int, kwargs: dic
         for k, (z0, z1) in enumerate(bounds):
             sub = OutputGrid(grid.spatial, SpectralGrid(edges[z0 : z1 + 1]))
             own_lo = -math.inf if k == 0 else float(edges[z0])
-            token = _SLAB.set((float(edges[0]), float(edges[-1]), own_lo))
+            token = _SLAB.set(((float(edges[0]), float(edges[-1]), own_lo), footprints))
             try:
                 d = drizzle_files(paths, sub, **kwargs)
             finally:
@@ -2185,7 +2206,9 @@ def _drizzle_slabs(paths: list[str], grid: OutputGrid, n_slabs: int, kwargs: dic
                 meta[name] = (arr.dtype, arr.attrs.get("units", ""), arr.attrs.get("long_name"))
                 del arr
             parts.append(d.run_summary)
-            settings = {key: v for key, v in d.run_settings.items() if key != "slab"}
+            settings = {
+                key: v for key, v in d.run_settings.items() if key not in ("slab", "footprints")
+            }
             del d
         summary = _union_summaries(parts, [os.fspath(p) for p in paths])
         whole = _new_cube(grid, settings, len(paths))

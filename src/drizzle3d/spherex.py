@@ -59,6 +59,7 @@ __all__ = [
     "SpherexMeta",
     "WaveTable",
     "ZodiFitWarning",
+    "band_limits",
     "fit_zodi_scale",
     "flag_bits",
     "flag_names",
@@ -1830,7 +1831,7 @@ def read_spherex(
     zscale = zerr = None
     if subtract_zodi:
         if zodi == "fit":
-            zscale, zerr, _ = fit_zodi_scale(data, var, flags, zmod, flag_table=meta.flags)
+            zscale, zerr = _zodi_fit_of_box(path, box, data, var, flags, zmod, meta.flags)
         else:
             zscale, zerr = 1.0, 0.0
         data = (data - np.float32(zscale) * zmod).astype(np.float32, copy=False)
@@ -1934,6 +1935,113 @@ def _header_fast(path: str) -> ImageHeader:
         detector=int(hdr["DETECTOR"]),
         obsid=None if obsid is None else str(obsid).strip(),
     )
+
+
+def _wave_table_fast(path: str) -> WaveTable:
+    if path.endswith(".gz"):
+        raise _Fallback("gzip-compressed file")
+    with open(path, "rb") as fh:
+        hdus = _scan(fh)
+        img = next((h for h in hdus if h.name == "IMAGE"), None)
+        if img is None:
+            raise _Fallback("no IMAGE HDU")
+        extname, cols = _wave_columns(img.cards, path)
+        tab = next((h for h in hdus if h.name == extname.upper()), None)
+        if tab is None:
+            raise _Fallback(f"no HDU {extname}")
+        row = _table_row(fh, tab, cols)
+    return _make_wave_table(
+        np.asarray(row["x"], dtype=np.float64).ravel(),
+        np.asarray(row["y"], dtype=np.float64).ravel(),
+        np.asarray(row["values"], dtype=np.float64),
+        img.cards,
+        path,
+        extname,
+    )
+
+
+@functools.lru_cache(maxsize=_SCAN_CACHE_SIZE)
+def _wave_table_cached(path: str, version: tuple) -> WaveTable:
+    try:
+        return _wave_table_fast(path)
+    except (_Fallback, OSError, ValueError, TypeError, KeyError, IndexError) as why:
+        log.debug("%s: fast table read declined (%s); reading with astropy", path, why)
+    path, hdul = _open(path)
+    try:
+        if "IMAGE" not in hdul:
+            raise SpherexFileError(path, "missing HDU 'IMAGE'.")
+        return _wave_table(hdul, hdul["IMAGE"].header, path)
+    finally:
+        hdul.close()
+
+
+def band_limits(path, bbox) -> tuple[float, float] | None:
+    """Lowest and highest band edge (um) of the pixels of a box of a file.
+
+    Reads only the headers and the spectral table (cached per file version), so
+    a run can tell cheaply which boxes can reach which wavelengths.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A SPHEREx Level-2 file.
+    bbox : tuple of int
+        ``(ymin, ymax, xmin, xmax)``, 0-based half-open.
+
+    Returns
+    -------
+    tuple of float or None
+        ``(min(wavelength - bandwidth / 2), max(wavelength + bandwidth / 2))``
+        over the box, or None if no pixel has a wavelength.
+
+    Raises
+    ------
+    SpherexFileError
+        If the file or its spectral table is malformed.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from drizzle3d.simulate import simulate_field
+    >>> f = simulate_field(tempfile.mkdtemp(), n_exposures=1, shape=(64, 64))
+    >>> lo, hi = band_limits(f.paths[0], (0, 8, 0, 8))  # a corner of the frame
+    >>> frame = band_limits(f.paths[0], (0, 64, 0, 64))
+    >>> bool(frame[0] <= lo < hi <= frame[1])
+    True
+    """
+    path = _check_file(path)
+    st = os.stat(path)
+    table = _wave_table_cached(path, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    ymin, ymax, xmin, xmax = bbox
+    wm = table.wavemap((ymax - ymin, xmax - xmin), (ymin, xmin))
+    lam = wm[..., 0]
+    half = 0.5 * wm[..., 1]
+    ok = np.isfinite(lam) & np.isfinite(half)
+    if not ok.any():
+        return None
+    return float((lam - half)[ok].min()), float((lam + half)[ok].max())
+
+
+# Zodi fits of recently read boxes, keyed by the file's version and the box: a run that
+# reads the same box again (one spectral slab of a cube at a time) does not refit it.
+_ZODI_FITS: OrderedDict = OrderedDict()
+_ZODI_FITS_SIZE = 256
+
+
+def _zodi_fit_of_box(path, box, data, var, flags, zmod, flag_table) -> tuple[float, float]:
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, tuple(int(v) for v in box))
+    with _SCAN_LOCK:
+        hit = _ZODI_FITS.get(key)
+        if hit is not None:
+            _ZODI_FITS.move_to_end(key)
+            return hit
+    zscale, zerr, _ = fit_zodi_scale(data, var, flags, zmod, flag_table=flag_table)
+    with _SCAN_LOCK:
+        _ZODI_FITS[key] = (zscale, zerr)
+        while len(_ZODI_FITS) > _ZODI_FITS_SIZE:
+            _ZODI_FITS.popitem(last=False)
+    return zscale, zerr
 
 
 def read_header_wcs(path) -> ImageHeader:
