@@ -332,3 +332,27 @@ def test_footprint_bbox_property(case):
 @given(pointings())
 def test_footprint_bbox_property_long(case):
     _check_footprint(case)
+
+
+@pytest.mark.parametrize(("nx", "ny"), [(4, 4), (5, 7), (12, 11)])
+def test_tensor_spline_equals_scipy_not_a_knot(nx, ny):
+    # the fast pixmap's own bicubic spline is scipy's make_interp_spline(k=3) along x then y
+    from scipy.interpolate import BSpline, make_interp_spline
+
+    from drizzle3d.pixmap import _nodes, _TensorSpline
+
+    rng = np.random.default_rng(nx * ny)
+    xn = _nodes(10, 10 + 32 * (nx - 1) - 5, 32)
+    yn = _nodes(3, 3 + 32 * (ny - 1) - 9, 32)
+    gy, gx = np.meshgrid(yn, xn, indexing="ij")
+    xo = 1.3 * gx + 0.2 * gy + 1e-4 * gx * gy + 3e-6 * gx**3 + rng.normal(0, 0.1, gx.shape)
+    yo = -0.4 * gx + 0.9 * gy + 2e-4 * gy**2
+    xs = np.linspace(xn[0], xn[-1], 97)
+    ys = np.linspace(yn[0], yn[-1], 89)
+    actual = _TensorSpline(xn, yn, xo, yo)(xs, ys)
+    sx = make_interp_spline(xn, np.stack([xo, yo]), k=3, axis=2)
+    sy = make_interp_spline(yn, sx.c, k=3, axis=2)
+    bx = BSpline.design_matrix(xs, sx.t, 3).toarray()
+    by = BSpline.design_matrix(ys, sy.t, 3).toarray()
+    for c in range(2):
+        np.testing.assert_allclose(actual[..., c], by @ sy.c[:, :, c] @ bx.T, rtol=0, atol=1e-9)

@@ -244,30 +244,59 @@ def _eval_tensor_spline(cx, cy, iy, wy, ix, wx, out):  # pragma: no cover - comp
 
 
 def _basis(points: NDArray, knots: NDArray) -> tuple[NDArray, NDArray]:
-    """First coefficient index and the 4 cubic B-spline weights at each point."""
-    from scipy.interpolate import BSpline
+    """First coefficient index and the 4 cubic B-spline weights at each point.
 
-    design = BSpline.design_matrix(points, knots, 3)
-    idx = design.indices.reshape(-1, 4)
-    weights = design.data.reshape(-1, 4)
-    order = np.argsort(idx, axis=1)
-    idx = np.take_along_axis(idx, order, axis=1)
-    weights = np.ascontiguousarray(np.take_along_axis(weights, order, axis=1))
-    return np.ascontiguousarray(idx[:, 0], dtype=np.int64), weights
+    Cox-de Boor recursion for the non-zero basis functions of the knot interval
+    holding each point (Piegl & Tiller, *The NURBS Book*, algorithm A2.2),
+    vectorised over the points; the last interval is closed on the right.
+    """
+    k = 3
+    n = knots.size - k - 1
+    points = np.asarray(points, dtype=np.float64)
+    span = np.clip(np.searchsorted(knots, points, side="right") - 1, k, n - 1)
+    basis = np.zeros((points.size, k + 1))
+    basis[:, 0] = 1.0
+    left = np.empty((points.size, k + 1))
+    right = np.empty((points.size, k + 1))
+    for j in range(1, k + 1):
+        left[:, j] = points - knots[span + 1 - j]
+        right[:, j] = knots[span + j] - points
+        saved = np.zeros(points.size)
+        for r in range(j):
+            temp = basis[:, r] / (right[:, r + 1] + left[:, j - r])
+            basis[:, r] = saved + right[:, r + 1] * temp
+            saved = left[:, j - r] * temp
+        basis[:, j] = saved
+    return np.ascontiguousarray(span - k, dtype=np.int64), basis
+
+
+def _not_a_knot(nodes: NDArray) -> tuple[NDArray, NDArray]:
+    """Knots of the cubic not-a-knot interpolating spline on ``nodes`` (at least 4) and
+    its collocation matrix (basis functions at the nodes)."""
+    knots = np.concatenate([np.repeat(nodes[0], 4), nodes[2:-2], np.repeat(nodes[-1], 4)])
+    idx, w = _basis(nodes, knots)
+    colloc = np.zeros((nodes.size, nodes.size))
+    rows = np.arange(nodes.size)[:, None]
+    colloc[rows, idx[:, None] + np.arange(4)] = w
+    return knots, colloc
 
 
 class _TensorSpline:
-    """Interpolating (not-a-knot) bicubic splines of the output x and y on a node grid."""
+    """Interpolating (not-a-knot) bicubic splines of the output x and y on a node grid.
+
+    The same splines as ``scipy.interpolate.make_interp_spline(..., k=3)`` along x
+    then y (tested to agree), without importing scipy.interpolate on the pipeline's
+    path: the node grids are small, so the coefficients come from dense solves.
+    """
 
     def __init__(self, xn, yn, xo, yo):
-        from scipy.interpolate import make_interp_spline
-
-        sx = make_interp_spline(xn, np.stack([xo, yo]), k=3, axis=2)
-        # sx.c is (coef_x, component, node_y); interpolate along the y nodes
-        sy = make_interp_spline(yn, sx.c, k=3, axis=2)
-        self.tx, self.ty = sx.t, sy.t
-        self.cx = np.ascontiguousarray(sy.c[:, :, 0])  # (coef_y, coef_x)
-        self.cy = np.ascontiguousarray(sy.c[:, :, 1])
+        self.tx, ax = _not_a_knot(np.asarray(xn, dtype=np.float64))
+        self.ty, ay = _not_a_knot(np.asarray(yn, dtype=np.float64))
+        coef = []
+        for values in (xo, yo):  # values[node_y, node_x] = ay @ c @ ax.T
+            along_x = np.linalg.solve(ax, np.asarray(values, dtype=np.float64).T)
+            coef.append(np.ascontiguousarray(np.linalg.solve(ay, along_x.T)))
+        self.cx, self.cy = coef  # (coef_y, coef_x)
 
     def __call__(self, xs, ys, out=None):
         ix, wx = _basis(xs, self.tx)

@@ -2011,7 +2011,13 @@ def band_limits(path, bbox) -> tuple[float, float] | None:
     """
     path = _check_file(path)
     st = os.stat(path)
-    table = _wave_table_cached(path, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    version = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return _band_limits_cached(path, version, tuple(int(v) for v in bbox))
+
+
+@functools.lru_cache(maxsize=4 * _SCAN_CACHE_SIZE)
+def _band_limits_cached(path: str, version: tuple, bbox: tuple) -> tuple[float, float] | None:
+    table = _wave_table_cached(path, version)
     ymin, ymax, xmin, xmax = bbox
     wm = table.wavemap((ymax - ymin, xmax - xmin), (ymin, xmin))
     lam = wm[..., 0]
