@@ -82,6 +82,7 @@ __all__ = [
     "DUPLICATES",
     "EXECUTORS",
     "PIPELINE_WEIGHTINGS",
+    "SLAB_STATE_BYTES",
     "ZODI_MODES",
     "ImageFootprint",
     "PreparedImage",
@@ -2297,7 +2298,10 @@ def drizzle(config, *, progress: Callable | None = None) -> dict[str, Path]:
     ``output.update`` (or ``output.checkpoint_every``) the accumulator state is
     kept in ``<prefix>_D<n>.state.zarr`` and a later (or restarted) run adds
     only the images not yet included; with ``output.tile_size`` the cube is
-    drizzled tile by tile into ``<prefix>_D<n>.zarr`` (:func:`drizzle_tiled`).
+    drizzled tile by tile into ``<prefix>_D<n>.zarr`` (:func:`drizzle_tiled`). A
+    FITS-only cube whose accumulators would exceed :data:`SLAB_STATE_BYTES` is
+    drizzled one range of wavelength bins at a time (the same file, a fraction of
+    the memory).
 
     Parameters
     ----------
