@@ -85,6 +85,13 @@ def _jit_inline(func):
     return numba.njit(inline="always", **_OPTIONS)(func)
 
 
+@_jit_inline
+def _mask_word1(flag):  # pragma: no cover - compiled
+    """:func:`mask_word` of one flag value, inside the kernels."""
+    f = flag & _LOW32
+    return (~f & _LOW32) | (f << 32)
+
+
 def lanczos_lut(order: int) -> np.ndarray:
     """Tabulate ``sinc(x) sinc(x / order)`` every ``LANCZOS_LUT_STEP`` input pixels."""
     n = math.ceil(order / LANCZOS_LUT_STEP) + 2
@@ -474,7 +481,7 @@ def drizzle_square(
                     w = weight[j, i]
                     d = data[j, i]
                     v = var[j, i]
-                    flag = flags[j, i]
+                    flag = _mask_word1(flags[j, i])
                     ncol = i1 - i0 + 1
                     nrow = j1 - j0 + 1
                     landed = False
@@ -568,7 +575,7 @@ def drizzle_centred(
                     w = weight[j, i]
                     d = data[j, i]
                     v = var[j, i]
-                    flag = flags[j, i]
+                    flag = _mask_word1(flags[j, i])
                     landed = False
                     gsum = 0.0
                     if kernel_id == 2:  # point: the nearest output pixel
@@ -634,7 +641,8 @@ def drizzle_image(
     data, var, weight : float64 (ny, nx)
         Input values, variances and weights (weight 0 = lands but adds nothing).
     flags : int64 (ny, nx)
-        Packed mask words of the input flags (:func:`mask_word`).
+        Input flag bits (non-negative, at most 32 bits); the kernels accumulate
+        their packed :func:`mask_word`.
     pixmap, wavemap : float64 (ny, nx, 2)
         Output (x, y) of each pixel centre; central wavelength and bandwidth.
     edges : float64 (nz + 1,)

@@ -735,7 +735,6 @@ class Drizzle3D:
             f = np.ascontiguousarray(flags[sl]).astype(np.int64) & FLAG_BITS
         w = self._weights(d, v, f, None if weight_map is None else weight_map[sl], exptime)
         w *= wht_scale
-        f = _kernels.mask_word(f)  # what the kernels accumulate
         return _Prepared(d, v, w, f, pixmap, wavemap, pscale, exptime, box_shape)
 
     def transpose(
