@@ -4,12 +4,12 @@ The same simulated full-frame D3 field (n exposures of 2040 x 2040, written once
 a cache directory) goes through both pipelines onto a 30 x 30 arcmin grid, with
 native and 2x oversampled spectral grids. Each run is a fresh subprocess, timing the
 ``drizzle(config)`` / ``drizzle_detector`` call (after imports; ours includes loading
-numba's cached kernels, building the xarray dataset and writing the FITS cube). Each tool
-runs on n/2 and on n exposures (drizzle3d: the fastest of --repeat runs, since its
-per-exposure cost is small against the run-to-run noise of its fixed cost): the slope is
-the cost of one more exposure end to end (read, map, drizzle), the intercept the fixed
-cost of a run (kernel loading, output). The script prints both, the totals, the
-subprocess's peak memory (VmHWM, imports included) and the ratios.
+numba's cached kernels and writing the FITS cube). spxquery runs on n/2 and n exposures;
+drizzle3d on n/4, n/2, 3n/4 and n (the fastest of --repeat runs at each, since its
+per-exposure cost is small against the run-to-run noise of its fixed cost), with a
+straight-line fit: the slope is the cost of one more exposure end to end (read, map,
+drizzle), the intercept the fixed cost of a run (kernel loading, output). The script
+prints both, the totals, the subprocess's peak memory (VmHWM, imports included) and the ratios.
 
 spxquery pins astropy < 8, so it runs from its own environment::
 
@@ -31,6 +31,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+import numpy as np
 from _fields import CENTER, full_frame_field
 
 WIDTH = 30.0  # arcmin
@@ -108,6 +109,11 @@ def _run(python: str, script: str, paths, factor) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _fastest(python: str, script: str, paths, factor, repeat: int) -> dict:
+    return min((_run(python, script, paths, factor) for _ in range(repeat)),
+               key=lambda r: r["seconds"])  # fmt: skip
+
+
 def main() -> None:
     """Run both pipelines and print the comparison."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -137,18 +143,21 @@ def main() -> None:
             ("drizzle3d", sys.executable, OURS),
             ("spxquery", args.spxquery_python, SPXQ),
         ):
-            repeat = args.repeat if name == "drizzle3d" else 1
+            # drizzle3d: n/4, n/2, 3n/4 and n exposures, the fastest of --repeat runs at each;
+            # its fixed cost dwarfs an exposure's, so the slope comes from a straight-line
+            # fit over the four. spxquery (slow, steady): n/2 and n, one run each.
+            if name == "drizzle3d":
+                counts = sorted({max(1, n * q // 4) for q in (1, 2, 3, 4)})
+                repeat = args.repeat
+            else:
+                counts, repeat = [len(half), n], 1
             try:
-                small = min((_run(python, script, half, factor) for _ in range(repeat)),
-                            key=lambda r: r["seconds"])  # fmt: skip
-                full = min((_run(python, script, paths, factor) for _ in range(repeat)),
-                           key=lambda r: r["seconds"])  # fmt: skip
+                runs = [_fastest(python, script, paths[:k], factor, repeat) for k in counts]
             except (RuntimeError, FileNotFoundError) as err:
                 print(f"{name} failed: {err}")
                 continue
-            slope = (full["seconds"] - small["seconds"]) / (n - len(half))
-            fixed = full["seconds"] - slope * n
-            rows[name] = (slope, fixed, full["seconds"], max(small["peak_mb"], full["peak_mb"]))
+            slope, fixed = np.polyfit(counts, [r["seconds"] for r in runs], 1)
+            rows[name] = (slope, fixed, runs[-1]["seconds"], max(r["peak_mb"] for r in runs))
         for name, (slope, fixed, total, peak) in rows.items():
             print(f"{label:<16}{name:<12}{slope:>12.3f}{fixed:>9.2f}{total:>9.2f}{peak:>10.0f}")
         if len(rows) == 2:
