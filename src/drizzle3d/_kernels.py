@@ -374,24 +374,25 @@ def _quad_areas(xq, yq, i0, j0, ncol, nrow, area):
 
 
 @_jit_inline
-def _band(wavemap, j, i, wave_pixfrac, lam_min, lam_max, e_lo, e_hi, own_lo):
+def _band(wavemap, j, i, wave_pixfrac, lam_min, lam_max, e_lo, e_hi, own_lo, count_outside):
     """``(lo, hi, own)`` of a pixel's shrunk band.
 
-    ``lo, hi`` are nan unless the band overlaps this cube's edges ``[e_lo, e_hi]``.
-    ``own`` is what a miss of this pixel adds to ``nmiss`` here: 2 if it maps
-    nowhere in ``[lam_min, lam_max]`` (counted by the caller if ``count_outside``),
-    else 1 if this cube counts it (its band starts at or above ``own_lo``), else 0
-    (one slab of a larger grid: another slab counts it).
+    ``lo, hi`` are nan unless the band overlaps this cube's edges ``[e_lo, e_hi]``;
+    then ``own`` is what the pixel adds to ``nmiss`` (it lands nowhere here): 1 if it
+    maps nowhere in ``[lam_min, lam_max]`` and ``count_outside``, else 0. Otherwise
+    ``own`` is what a miss of the pixel would add: 1 if this cube counts it (its band
+    starts at or above ``own_lo``), 0 if another slab of a larger grid does.
     """
     lam = wavemap[j, i, 0]
     bw = wavemap[j, i, 1]
+    outside = 1 if count_outside else 0
     if not (math.isfinite(lam) and math.isfinite(bw)):
-        return math.nan, math.nan, 2
+        return math.nan, math.nan, outside
     half = 0.5 * bw * wave_pixfrac
     lo = lam - half
     hi = lam + half
     if hi <= lam_min or lo >= lam_max:
-        return math.nan, math.nan, 2
+        return math.nan, math.nan, outside
     if hi <= e_lo or lo >= e_hi:
         return math.nan, math.nan, 0
     return lo, hi, 1 if lo >= own_lo else 0
@@ -428,12 +429,10 @@ def drizzle_square(
         for ti in range(0, nx, _TILE):
             for j in range(tj, min(tj + _TILE, ny)):
                 for i in range(ti, min(ti + _TILE, nx)):
-                    lo, hi, own = _band(
-                        wavemap, j, i, wave_pixfrac, lam_min, lam_max, e_lo, e_hi, own_lo
-                    )
+                    lo, hi, own = _band(wavemap, j, i, wave_pixfrac, lam_min, lam_max, e_lo,
+                                        e_hi, own_lo, count_outside)  # fmt: skip
                     if not math.isfinite(lo):
-                        if own == 1 or (own == 2 and count_outside):
-                            nmiss += 1
+                        nmiss += own
                         continue
                     ok = True
                     if i > 0 and j > 0 and i < nx - 1 and j < ny - 1:
@@ -559,12 +558,10 @@ def drizzle_centred(
         for ti in range(0, nx, _TILE):
             for j in range(tj, min(tj + _TILE, ny)):
                 for i in range(ti, min(ti + _TILE, nx)):
-                    lo, hi, own = _band(
-                        wavemap, j, i, wave_pixfrac, lam_min, lam_max, e_lo, e_hi, own_lo
-                    )
+                    lo, hi, own = _band(wavemap, j, i, wave_pixfrac, lam_min, lam_max, e_lo,
+                                        e_hi, own_lo, count_outside)  # fmt: skip
                     if not math.isfinite(lo):
-                        if own == 1 or (own == 2 and count_outside):
-                            nmiss += 1
+                        nmiss += own
                         continue
                     xc = pixmap[j, i, 0]
                     yc = pixmap[j, i, 1]

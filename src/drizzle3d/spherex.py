@@ -1919,14 +1919,25 @@ class ImageHeader(NamedTuple):
     obsid: str | None
 
 
-def _header_fast(path: str) -> ImageHeader:
+def _open_plain(path: str):
+    """Open an uncompressed file for the fast readers."""
     if path.endswith(".gz"):
         raise _Fallback("gzip-compressed file")
-    with open(path, "rb") as fh:
-        hdus = _scan(fh)
+    return open(path, "rb")  # the caller closes it
+
+
+def _scan_image(fh) -> tuple[list[_RawHdu], _RawHdu]:
+    """The scanned HDUs of an open file and its IMAGE HDU."""
+    hdus = _scan(fh)
     img = next((h for h in hdus if h.name == "IMAGE"), None)
     if img is None:
         raise _Fallback("no IMAGE HDU")
+    return hdus, img
+
+
+def _header_fast(path: str) -> ImageHeader:
+    with _open_plain(path) as fh:
+        _, img = _scan_image(fh)
     hdr = img.cards
     obsid = hdr.get("OBSID")
     return ImageHeader(
@@ -1938,13 +1949,8 @@ def _header_fast(path: str) -> ImageHeader:
 
 
 def _wave_table_fast(path: str) -> WaveTable:
-    if path.endswith(".gz"):
-        raise _Fallback("gzip-compressed file")
-    with open(path, "rb") as fh:
-        hdus = _scan(fh)
-        img = next((h for h in hdus if h.name == "IMAGE"), None)
-        if img is None:
-            raise _Fallback("no IMAGE HDU")
+    with _open_plain(path) as fh:
+        hdus, img = _scan_image(fh)
         extname, cols = _wave_columns(img.cards, path)
         tab = next((h for h in hdus if h.name == extname.upper()), None)
         if tab is None:
