@@ -298,3 +298,39 @@ def test_fits_cube_in_spectral_slabs_equals_whole_grid(small_field, tmp_path, mo
     assert summary["counts"]["used"] == len(good)
     assert summary["counts"]["skipped"] == 1
     assert summary["counts"]["not_overlapping"] == 1
+
+
+def test_all_band_cube_combines_the_detectors(tmp_path):
+    # all_band: one more cube from every selected detector's images, on a constant-R grid
+    # over their whole range, next to the per-detector cubes
+    from drizzle3d.channels import detector_range
+    from drizzle3d.config import Drizzle3DConfig
+    from drizzle3d.io import load_cube
+    from drizzle3d.pipeline import drizzle
+
+    field = simulate_field(tmp_path / "in", detectors=(2, 3), n_exposures=3, shape=(48, 48),
+                           center=CENTER, seed=5)  # fmt: skip
+    config = Drizzle3DConfig.from_dict({
+        "region": {"ra": CENTER[0], "dec": CENTER[1], "width": 3.0},
+        "detectors": [2, 3],
+        "all_band": True,
+        "spectral": {"resolving_power": 40.0},
+        "inputs": {"files": [str(p) for p in field.paths]},
+        "output": {"directory": str(tmp_path / "out")},
+    })  # fmt: skip
+    written = drizzle(config)
+    assert set(written) == {"D2.fits", "D3.fits", "all.fits"}
+    cube = load_cube(written["all.fits"])
+    lo2, hi2 = detector_range(2)
+    lo3, hi3 = detector_range(3)
+    assert cube.wavelength_min.values[0] == pytest.approx(lo2)
+    assert cube.wavelength_min.values[-1] < hi3 <= cube.wavelength_max.values[-1]
+    r = cube.wavelength.values[1:] / cube.wavelength.values[:-1]
+    np.testing.assert_allclose(r, r[0], rtol=1e-9)  # constant R
+    used = json.loads(cube.attrs["run_summary"])["counts"]["used"]
+    assert used == len(field.paths) == 6
+    covered = np.isfinite(cube.sci.values).mean(axis=(1, 2))
+    lam = cube.wavelength.values
+    assert covered[(lam > lo2) & (lam < hi2)].min() > 0.1  # D2's images reach all its bins
+    assert covered[(lam > lo3) & (lam < hi3)].min() > 0.1  # and D3's all of theirs
+    assert cube.attrs["detector"] == "D2,D3"

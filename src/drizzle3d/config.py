@@ -622,6 +622,9 @@ class Drizzle3DConfig:
         Sections (dataclasses of the same names).
     detectors : list of int or "all"
         Detectors to build, one cube each.
+    all_band : bool
+        Also build one cube from all those detectors' images on a constant-R
+        grid over their whole range (:meth:`all_band_grid`), named ``<prefix>_all``.
     pixel_scale : float
         Output pixel size (arcsec).
     workers : int
@@ -650,6 +653,7 @@ class Drizzle3DConfig:
 
     region: RegionConfig = field(default_factory=RegionConfig)
     detectors: tuple = (3,)
+    all_band: bool = False
     pixel_scale: float = 6.15
     spectral: SpectralConfig = field(default_factory=SpectralConfig)
     drizzle: DrizzleConfig = field(default_factory=DrizzleConfig)
@@ -680,6 +684,7 @@ class Drizzle3DConfig:
                 raise ValueError(f"'detectors' must be a list of 1..6 or 'all'; got {d!r}.")
             out.append(n)
         object.__setattr__(self, "detectors", tuple(sorted(set(out))))
+        object.__setattr__(self, "all_band", _bool("all_band", self.all_band))
         object.__setattr__(
             self, "pixel_scale", _num("pixel_scale", self.pixel_scale, low=0, low_open=True)
         )
@@ -712,6 +717,35 @@ class Drizzle3DConfig:
         [1, 2, 3, 4, 5, 6]
         """
         return list(self.detectors)
+
+    def all_band_grid(self):
+        """Return the :class:`~drizzle3d.grid.OutputGrid` of the all-band cube.
+
+        The region's spatial grid and constant-R bins (``spectral.resolving_power``)
+        from the bluest to the reddest edge of the selected detectors (or over
+        ``spectral.lam_min`` .. ``lam_max`` when set).
+
+        Returns
+        -------
+        drizzle3d.grid.OutputGrid
+            The grid.
+
+        Examples
+        --------
+        >>> c = Drizzle3DConfig.from_dict({"detectors": [1, 2],
+        ...                                "spectral": {"resolving_power": 40.0}})
+        >>> g = c.all_band_grid()
+        >>> round(float(g.wave_edges[0]), 2), round(float(g.wave_edges[-1]), 2), g.shape[0]
+        (0.74, 1.65, 32)
+        """
+        from drizzle3d.channels import detector_range
+        from drizzle3d.grid import OutputGrid, SpectralGrid
+
+        ranges = [detector_range(d) for d in self.detectors]
+        lo = self.spectral.lam_min or min(r[0] for r in ranges)
+        hi = self.spectral.lam_max or max(r[1] for r in ranges)
+        spectral = SpectralGrid.constant_r(lo, hi, self.spectral.resolving_power)
+        return OutputGrid(self.grid(self.detectors[0]).spatial, spectral)
 
     def grid(self, detector: int):
         """Return the :class:`~drizzle3d.grid.OutputGrid` of one detector's cube.
@@ -902,6 +936,8 @@ region:                  # the sky region of the cube
   rotation: 0.0          # position angle of +y, deg east of north
 
 detectors: [3]           # 1..6, a list, or "all": one cube per detector
+all_band: false          # also one cube of all those detectors on a constant-R grid
+                         # (spectral.resolving_power; spectral.lam_min/lam_max if set)
 pixel_scale: 6.15        # output pixel (arcsec); SPHEREx pixels are 6.15"
 
 spectral:                # wavelength bins of each cube

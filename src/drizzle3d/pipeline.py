@@ -2298,7 +2298,10 @@ def drizzle(config, *, progress: Callable | None = None) -> dict[str, Path]:
     ``output.update`` (or ``output.checkpoint_every``) the accumulator state is
     kept in ``<prefix>_D<n>.state.zarr`` and a later (or restarted) run adds
     only the images not yet included; with ``output.tile_size`` the cube is
-    drizzled tile by tile into ``<prefix>_D<n>.zarr`` (:func:`drizzle_tiled`). A
+    drizzled tile by tile into ``<prefix>_D<n>.zarr`` (:func:`drizzle_tiled`). With
+    ``all_band``, one more cube of all the detectors' images on a constant-R grid
+    (:meth:`~drizzle3d.config.Drizzle3DConfig.all_band_grid`) is written as
+    ``<prefix>_all.<ext>`` (key ``"all.<ext>"``). A
     FITS-only cube whose accumulators would exceed :data:`SLAB_STATE_BYTES` is
     drizzled one range of wavelength bins at a time (the same file, a fraction of
     the memory).
@@ -2335,8 +2338,6 @@ def drizzle(config, *, progress: Callable | None = None) -> dict[str, Path]:
     >>> {key: path.name for key, path in drizzle(config).items()}
     {'D3.fits': 'cube_D3.fits'}
     """
-    from drizzle3d.io import save_cube
-
     paths = _resolve_inputs(config)
     if not paths:
         raise ValueError("'inputs' matched no files.")
@@ -2352,68 +2353,83 @@ def drizzle(config, *, progress: Callable | None = None) -> dict[str, Path]:
             by_det.setdefault(det, []).append(p)
     written: dict[str, Path] = {}
     for det in config.detector_list():
-        files = by_det.get(det, []) + unreadable
         if not by_det.get(det):
             logger.warning("no input files for detector D%d", det)
             continue
         grid = config.grid(det)
-        out = config.output
-        n_workers = config.workers or None
-        if out.tile_size:
-            target = out_dir / f"{out.prefix}_D{det}.zarr"
-            written[f"D{det}.zarr"] = drizzle_tiled(
-                files, grid, target, tile_shape=out.tile_size, n_workers=n_workers,
-                overwrite=out.overwrite, progress=progress, **_config_kwargs(config),
-            )  # fmt: skip
-            continue
-        sched = config.scheduler
-        parallel = {
-            "n_workers": n_workers,
-            "executor": "processes" if sched == "processes" else "threads",
-            "client": sched if sched not in (None, "threads", "processes") else None,
-        }
-        state = out_dir / f"{out.prefix}_D{det}.state.zarr"
-        keep_state = out.update or out.checkpoint_every > 0
-        n_slabs = _n_slabs(grid)
-        if (
-            n_slabs > 1
-            and list(out.formats) == ["fits"]
-            and not keep_state
-            and not config.outliers.enabled
-        ):
-            # a FITS cube is written output by output: drizzle it slab by slab too, so
-            # memory stays near SLAB_STATE_BYTES whatever the grid
-            target = out_dir / f"{out.prefix}_D{det}.fits"
-            kwargs = {"progress": progress, **parallel, **_config_kwargs(config)}
-            cube = _drizzle_slabs(files, grid, n_slabs, kwargs)
-            try:
-                save_cube(cube, target, "fits", overwrite=out.overwrite,
-                          attrs=_run_attrs(cube, det))  # fmt: skip
-            finally:
-                cube.close()
-            written[f"D{det}.fits"] = target
-            continue
-        resume = state if keep_state and state.exists() else None
-        d = drizzle_files(
-            files, grid, outliers=config.outliers.to_dict(), progress=progress,
-            resume=resume, duplicates="skip" if resume is not None else "error",
-            checkpoint=state if keep_state else None, checkpoint_every=out.checkpoint_every,
-            **parallel, **_config_kwargs(config),
-        )  # fmt: skip
-        attrs = _run_attrs(d, det)
-        ds = None
-        for fmt in out.formats:
-            ext = {"fits": "fits", "netcdf": "nc", "zarr": "zarr"}[fmt]
-            target = out_dir / f"{out.prefix}_D{det}.{ext}"
-            if fmt == "fits":  # streamed from the accumulators, one output at a time
-                cube = d
-            else:
-                ds = cube_dataset(d, detector=det) if ds is None else ds
-                cube = ds
-            save_cube(cube, target, fmt, overwrite=out.overwrite or resume is not None,
-                      attrs=attrs)  # fmt: skip
-            written[f"D{det}.{ext}"] = target
-        del ds
+        files = by_det[det] + unreadable
+        written.update(_make_cube(config, files, grid, f"D{det}", det, out_dir, progress))
+    if config.all_band:
+        files = [p for det in config.detector_list() for p in by_det.get(det, [])]
+        if files:
+            label = ",".join(f"D{d}" for d in config.detector_list() if by_det.get(d))
+            grid = config.all_band_grid()
+            files += unreadable
+            written.update(_make_cube(config, files, grid, "all", label, out_dir, progress))
+        else:
+            logger.warning("no input files for the all-band cube")
+    return written
+
+
+def _make_cube(config, files, grid, name, detector, out_dir, progress) -> dict[str, Path]:
+    """One cube of :func:`drizzle` (a detector's, or the all-band one) in every format."""
+    from drizzle3d.io import save_cube
+
+    out = config.output
+    n_workers = config.workers or None
+    if out.tile_size:
+        target = out_dir / f"{out.prefix}_{name}.zarr"
+        return {f"{name}.zarr": drizzle_tiled(
+            files, grid, target, tile_shape=out.tile_size, n_workers=n_workers,
+            overwrite=out.overwrite, progress=progress, **_config_kwargs(config),
+        )}  # fmt: skip
+    sched = config.scheduler
+    parallel = {
+        "n_workers": n_workers,
+        "executor": "processes" if sched == "processes" else "threads",
+        "client": sched if sched not in (None, "threads", "processes") else None,
+    }
+    state = out_dir / f"{out.prefix}_{name}.state.zarr"
+    keep_state = out.update or out.checkpoint_every > 0
+    n_slabs = _n_slabs(grid)
+    if (
+        n_slabs > 1
+        and list(out.formats) == ["fits"]
+        and not keep_state
+        and not (config.outliers.enabled)
+    ):
+        # a FITS cube is written output by output: drizzle it slab by slab too, so
+        # memory stays near SLAB_STATE_BYTES whatever the grid
+        target = out_dir / f"{out.prefix}_{name}.fits"
+        kwargs = {"progress": progress, **parallel, **_config_kwargs(config)}
+        cube = _drizzle_slabs(files, grid, n_slabs, kwargs)
+        try:
+            save_cube(cube, target, "fits", overwrite=out.overwrite,
+                      attrs=_run_attrs(cube, detector))  # fmt: skip
+        finally:
+            cube.close()
+        return {f"{name}.fits": target}
+    resume = state if keep_state and state.exists() else None
+    d = drizzle_files(
+        files, grid, outliers=config.outliers.to_dict(), progress=progress,
+        resume=resume, duplicates="skip" if resume is not None else "error",
+        checkpoint=state if keep_state else None, checkpoint_every=out.checkpoint_every,
+        **parallel, **_config_kwargs(config),
+    )  # fmt: skip
+    attrs = _run_attrs(d, detector)
+    ds = None
+    written = {}
+    for fmt in out.formats:
+        ext = {"fits": "fits", "netcdf": "nc", "zarr": "zarr"}[fmt]
+        target = out_dir / f"{out.prefix}_{name}.{ext}"
+        if fmt == "fits":  # streamed from the accumulators, one output at a time
+            cube = d
+        else:
+            ds = cube_dataset(d, detector=detector) if ds is None else ds
+            cube = ds
+        save_cube(cube, target, fmt, overwrite=out.overwrite or resume is not None,
+                  attrs=attrs)  # fmt: skip
+        written[f"{name}.{ext}"] = target
     return written
 
 
