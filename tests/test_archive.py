@@ -694,3 +694,30 @@ def test_simulated_full_cutout_and_mirror_open_in_the_reader_and_agree(standin, 
         np.testing.assert_array_equal(img_cut.var, img_full.var[box])
         np.testing.assert_array_equal(img_cut.flags, img_full.flags[box])
         np.testing.assert_allclose(img_cut.wavemap(), img_full.wavemap()[box], rtol=1e-12, atol=0)
+
+
+def test_cli_query_lists_the_overlapping_images(standin, capsys):
+    # `drizzle3d query` against the local stand-in: one line per image, then the count
+    from drizzle3d.cli import main
+
+    standin.add_image(obsid="2025W01_1A_0001_1", detector=3, mjd_start=60001.0,
+                      poly=square(0.05, 0.0, 0.3))  # fmt: skip
+    standin.add_image(obsid="2025W01_1A_0002_1", detector=1, mjd_start=60002.0,
+                      poly=square(0.0, 0.05, 0.3))  # fmt: skip
+    standin.add_image(
+        obsid="2025W01_1A_0003_1", detector=3, mjd_start=60003.0, poly=square(5.0, 5.0, 0.3)
+    )  # fmt: skip  (far away)
+    ra, dec = (str(v) for v in CENTER)
+    args = ["query", "--ra", ra, "--dec", dec, "--size", "10", "--tap-url", standin.tap_url]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == "2 image(s)"
+    assert [ln.split()[:2] for ln in lines[:-1]] == [
+        ["2025W01_1A_0001_1", "D3"],
+        ["2025W01_1A_0002_1", "D1"],
+    ]
+    assert main([*args, "-d", "3"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "1 image(s)"
+    # an unreachable service: a one-line error and a non-zero exit
+    assert main(["query", "--ra", ra, "--dec", dec, "--tap-url", "http://127.0.0.1:9/TAP"]) != 0
+    assert "drizzle3d: error:" in capsys.readouterr().err

@@ -166,12 +166,24 @@ def run(config_file: str) -> None:
 @click.option("--size", type=float, default=10.0, show_default=True, help="Field side (arcmin).")
 @click.option("--detector", "-d", multiple=True, type=int, help="Detector(s) 1-6 (default all).")
 @click.option("--max-images", type=int, default=None, help="Keep the first N images.")
-def query(ra: float, dec: float, size: float, detector, max_images) -> None:
+@click.option(
+    "--tap-url",
+    default=None,
+    metavar="URL",
+    help="TAP service to query (default IRSA's, or $DRIZZLE3D_TAP_URL).",
+)
+def query(ra: float, dec: float, size: float, detector, max_images, tap_url) -> None:
     """List the SPHEREx images in the IRSA archive that overlap a field."""
-    from drizzle3d.archive import query_spherex
+    import os
 
+    from drizzle3d.archive import IRSA_TAP_URL, query_spherex
+
+    tap_url = tap_url or os.environ.get("DRIZZLE3D_TAP_URL") or IRSA_TAP_URL
     table = query_spherex(
-        ((ra, dec), size / 60.0), detectors=list(detector) or None, max_images=max_images
+        ((ra, dec), size / 60.0),
+        detectors=list(detector) or None,
+        max_images=max_images,
+        tap_url=tap_url,
     )
     for row in table:
         click.echo(f"{row['obs_id']}  D{row['detector']}  {row['mjd_mid']:.5f}  {row['url']}")
