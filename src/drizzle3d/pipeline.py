@@ -65,6 +65,7 @@ import numpy as np
 if TYPE_CHECKING:  # xarray is imported where outputs are built (a light import path)
     import xarray as xr
 
+from drizzle3d import spherex
 from drizzle3d.channels import detector_range
 from drizzle3d.grid import OutputGrid, SpatialGrid, SpectralGrid
 from drizzle3d.pixmap import BBox, calc_pixmap, footprint_bbox
@@ -2190,6 +2191,7 @@ def _drizzle_slabs(paths: list[str], grid: OutputGrid, n_slabs: int, kwargs: dic
     tmp = tempfile.TemporaryDirectory(prefix="drizzle3d-slabs-")
     meta: dict[str, tuple] = {}
     ctx, parts, settings = None, [], {}
+    fits_token = spherex._ZODI_FITS.set({})  # each box's zodi fit, once for all slabs
     try:
         for k, (z0, z1) in enumerate(bounds):
             sub = OutputGrid(grid.spatial, SpectralGrid(edges[z0 : z1 + 1]))
@@ -2225,6 +2227,8 @@ def _drizzle_slabs(paths: list[str], grid: OutputGrid, n_slabs: int, kwargs: dic
     except BaseException:
         tmp.cleanup()
         raise
+    finally:
+        spherex._ZODI_FITS.reset(fits_token)
     return _SlabbedCube(whole, tmp, bounds, meta, summary, settings)
 
 

@@ -27,6 +27,7 @@ used instead (IRSA recommends them for science; the table is good to ~1 nm).
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 import math
@@ -2034,26 +2035,23 @@ def _band_limits_cached(path: str, version: tuple, bbox: tuple) -> tuple[float, 
     return float((lam - half)[ok].min()), float((lam + half)[ok].max())
 
 
-# Zodi fits of recently read boxes, keyed by the file's version and the box: a run that
-# reads the same box again (one spectral slab of a cube at a time) does not refit it.
-_ZODI_FITS: OrderedDict = OrderedDict()
-_ZODI_FITS_SIZE = 256
+# Zodi fits by (file version, box), kept only while a caller asks for it (a run over
+# spectral slabs reads the same box of an image once per slab; see
+# drizzle3d.pipeline._drizzle_slabs): a dict in this context variable, or None.
+_ZODI_FITS: contextvars.ContextVar = contextvars.ContextVar("drizzle3d_zodi_fits", default=None)
 
 
 def _zodi_fit_of_box(path, box, data, var, flags, zmod, flag_table) -> tuple[float, float]:
+    cache = _ZODI_FITS.get()
+    if cache is None:
+        zscale, zerr, _ = fit_zodi_scale(data, var, flags, zmod, flag_table=flag_table)
+        return zscale, zerr
     st = os.stat(path)
     key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, tuple(int(v) for v in box))
-    with _SCAN_LOCK:
-        hit = _ZODI_FITS.get(key)
-        if hit is not None:
-            _ZODI_FITS.move_to_end(key)
-            return hit
-    zscale, zerr, _ = fit_zodi_scale(data, var, flags, zmod, flag_table=flag_table)
-    with _SCAN_LOCK:
-        _ZODI_FITS[key] = (zscale, zerr)
-        while len(_ZODI_FITS) > _ZODI_FITS_SIZE:
-            _ZODI_FITS.popitem(last=False)
-    return zscale, zerr
+    if key not in cache:
+        zscale, zerr, _ = fit_zodi_scale(data, var, flags, zmod, flag_table=flag_table)
+        cache[key] = (zscale, zerr)
+    return cache[key]
 
 
 def read_header_wcs(path) -> ImageHeader:
