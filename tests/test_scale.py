@@ -118,7 +118,9 @@ def test_input_order_does_not_matter(small_field, small_grid, serial):
         )
 
 
-def test_progress_ticks_once_per_image(small_field, small_grid):
+@pytest.mark.parametrize("backend", ["threads", "processes", "LocalCluster"])
+def test_progress_ticks_once_per_image(small_field, small_grid, backend, request):
+    # every back-end advances the caller's progress bar once per image, as workers finish
     ticks = []
 
     def progress(iterable, **_kw):
@@ -126,7 +128,12 @@ def test_progress_ticks_once_per_image(small_field, small_grid):
             ticks.append(1)
             yield item
 
-    drizzle_files(small_field.paths, small_grid, n_workers=2, progress=progress)
+    kw = {"n_workers": 2}
+    if backend == "processes":
+        kw["executor"] = "processes"
+    elif backend == "LocalCluster":
+        kw = {"client": request.getfixturevalue("cluster_client")}
+    drizzle_files(small_field.paths, small_grid, progress=progress, **kw)
     assert len(ticks) == len(small_field.paths)
 
 
