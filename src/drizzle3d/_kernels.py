@@ -51,11 +51,12 @@ N_FIELDS = 7
 _LOW32 = 0xFFFFFFFF
 
 
-def mask_word(flags):
-    """The packed mask word of 32-bit flags (an int64 array or scalar): the
-    complement of ``flags`` in the low 32 bits, ``flags`` in the high 32 bits."""
-    flags = np.asarray(flags, dtype=np.int64) & _LOW32
-    return (~flags & _LOW32) | (flags << 32)
+def pack_masks(and_mask, or_mask):
+    """Packed mask words from ``(and_mask, or_mask)`` as :func:`unpack_masks` gives
+    them (the AND -1 where nothing landed): the inverse of :func:`unpack_masks`."""
+    and_mask = np.asarray(and_mask, dtype=np.int64)
+    or_mask = np.asarray(or_mask, dtype=np.int64) & _LOW32
+    return np.where(and_mask == -1, 0, ~and_mask & _LOW32) | (or_mask << 32)
 
 
 def unpack_masks(words):
@@ -86,8 +87,9 @@ def _jit_inline(func):
 
 
 @_jit_inline
-def _mask_word1(flag):  # pragma: no cover - compiled
-    """:func:`mask_word` of one flag value, inside the kernels."""
+def mask_word(flag):  # pragma: no cover - compiled
+    """The packed mask word of one pixel's 32-bit flags: their complement in the low
+    32 bits, the flags in the high 32 bits (OR-ing words accumulates both masks)."""
     f = flag & _LOW32
     return (~f & _LOW32) | (f << 32)
 
@@ -480,7 +482,7 @@ def drizzle_square(
                     w = weight[j, i]
                     d = data[j, i]
                     v = var[j, i]
-                    flag = _mask_word1(flags[j, i])
+                    flag = mask_word(flags[j, i])
                     ncol = i1 - i0 + 1
                     nrow = j1 - j0 + 1
                     landed = False
@@ -572,7 +574,7 @@ def drizzle_centred(
                     w = weight[j, i]
                     d = data[j, i]
                     v = var[j, i]
-                    flag = _mask_word1(flags[j, i])
+                    flag = mask_word(flags[j, i])
                     landed = False
                     gsum = 0.0
                     if kernel_id == 2:  # point: the nearest output pixel

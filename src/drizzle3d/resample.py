@@ -483,10 +483,9 @@ class Drizzle3D:
         for name, arr in arrays.items():
             if name not in ("and_mask", "or_mask"):
                 acc[..., _FIELDS[name]] = np.moveaxis(arr, 0, 2)
-        and_mask = np.moveaxis(arrays["and_mask"], 0, 2).astype(np.int64)
-        or_mask = np.moveaxis(arrays["or_mask"], 0, 2).astype(np.int64) & FLAG_BITS
-        low = np.where(and_mask == -1, 0, ~and_mask & FLAG_BITS)
-        macc[..., _kernels.F_MASK] = low | (or_mask << 32)
+        macc[..., _kernels.F_MASK] = _kernels.pack_masks(
+            np.moveaxis(arrays["and_mask"], 0, 2), np.moveaxis(arrays["or_mask"], 0, 2)
+        )
         self._acc = acc
         self._ctx = (
             ctx.astype(np.int32, copy=True)
