@@ -745,7 +745,7 @@ class Drizzle3DConfig:
         lo = self.spectral.lam_min or min(r[0] for r in ranges)
         hi = self.spectral.lam_max or max(r[1] for r in ranges)
         spectral = SpectralGrid.constant_r(lo, hi, self.spectral.resolving_power)
-        return OutputGrid(self.grid(self.detectors[0]).spatial, spectral)
+        return OutputGrid(self._spatial_grid(), spectral)
 
     def grid(self, detector: int):
         """Return the :class:`~drizzle3d.grid.OutputGrid` of one detector's cube.
@@ -771,13 +771,17 @@ class Drizzle3DConfig:
         >>> c.grid(3).shape
         (2, 10, 10)
         """
-        from drizzle3d.grid import OutputGrid, SpatialGrid
+        from drizzle3d.grid import OutputGrid
+
+        return OutputGrid(self._spatial_grid(), self.spectral.build(detector))
+
+    def _spatial_grid(self):
+        from drizzle3d.grid import SpatialGrid
 
         r = self.region
-        spatial = SpatialGrid.from_center(
+        return SpatialGrid.from_center(
             r.ra, r.dec, r.width, r.height, pixscale=self.pixel_scale, rotation=r.rotation
         )
-        return OutputGrid(spatial, self.spectral.build(detector))
 
     # -- round trips ------------------------------------------------------
 

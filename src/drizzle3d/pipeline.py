@@ -952,12 +952,9 @@ def _input_key(path: str) -> dict | None:
 # ---------------------------------------------------------------------------
 
 
-def _drizzle_items(
-    items, grid, settings, n_inputs, tick=None, cube=None
-) -> tuple[Drizzle3D, RunSummary]:
-    """Drizzle ``(ctx_id, path, key)`` items into ``cube`` (default: a new partial
-    cube); never raises per file."""
-    d = _new_cube(grid, settings, n_inputs) if cube is None else cube
+def _drizzle_items(items, grid, settings, n_inputs, tick=None) -> tuple[Drizzle3D, RunSummary]:
+    """Drizzle ``(ctx_id, path, key)`` items into a new partial cube; never raises per file."""
+    d = _new_cube(grid, settings, n_inputs)
     summary = RunSummary()
     for ctx_id, path, key in items:
         try:
@@ -1064,9 +1061,9 @@ def _run_threads(items, grid, settings, n_inputs, n_workers, progress):
 # Worker processes are started once and reused by later runs of the same size
 # (spawning one costs ~2 s of imports and kernel loading, more than a typical run);
 # they are shut down at exit. Partial cubes come back through shared memory: a
-# worker drizzles straight into a file on a RAM-backed file system (/dev/shm), and
-# this process maps it, unlinks it and adopts it, so no accumulator is pickled,
-# piped or copied.
+# worker drizzles into its own (huge-page) memory, then copies the accumulators to a
+# file on a RAM-backed file system (/dev/shm); this process maps it, unlinks it and
+# adopts it, so no accumulator is pickled or piped.
 
 _WORKER_TICKS = None
 _POOL: dict[str, Any] = {}
@@ -1106,13 +1103,20 @@ def _shared_array(path: str, shape: tuple, *, create: bool) -> np.ndarray:
 def _process_task(items, shipped, settings, n_inputs, prefix):
     grid = shipped.grid()
     ticks = _WORKER_TICKS
-    d = _new_cube(grid, settings, n_inputs)
+    d, summary = _drizzle_items(
+        items, grid, settings, n_inputs, None if ticks is None else lambda: ticks.put(1)
+    )
+    return _send_partial(d, summary, prefix)
+
+
+def _send_partial(d: Drizzle3D, summary: RunSummary, prefix: str):
+    """A worker's partial as ``(path, cube, summary)``: its accumulators copied to a new
+    shared-memory file ``path`` (see :func:`_receive_partial`), the cube without them."""
     path = f"{prefix}-{uuid.uuid4().hex}"
     try:
-        d._adopt_accumulators(_shared_array(path, d._accumulator_shape(), create=True))
-        d, summary = _drizzle_items(
-            items, grid, settings, n_inputs, None if ticks is None else lambda: ticks.put(1), d
-        )
+        shared = _shared_array(path, d._accumulator_shape(), create=True)
+        shared[...] = d._acc
+        del shared
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(path)
@@ -1274,19 +1278,9 @@ def _dask_task(items, shipped, settings, n_inputs, topic):
 
 def _dask_task_shared(items, shipped, settings, n_inputs, topic, prefix):
     """:func:`_dask_task` for a worker on the client's machine: the partial's
-    accumulators come back through a shared-memory file (see :func:`_process_task`)."""
+    accumulators come back through a shared-memory file (:func:`_send_partial`)."""
     d, summary = _dask_task(items, shipped, settings, n_inputs, topic)
-    path = f"{prefix}-{uuid.uuid4().hex}"
-    try:
-        shared = _shared_array(path, d._accumulator_shape(), create=True)
-        shared[...] = d._acc
-        del shared
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        raise
-    d._acc = None
-    return path, d, summary
+    return _send_partial(d, summary, prefix)
 
 
 def _local_cluster(client) -> bool:
@@ -2120,14 +2114,11 @@ class _SlabbedCube:
                 values = np.empty((nz, ny, nx), dtype=dtype)
                 for k, (z0, z1) in enumerate(self._bounds):
                     values[z0:z1] = np.load(os.path.join(self._tmp.name, f"{name}-{k}.npy"))
-            self._cube._plain_outputs = plain
-            try:
+            with self._cube._outputs_as(plain):
                 if values is None:
                     item = self._cube.out_ctx
                 else:
                     item = self._cube._cube(name, np.moveaxis(values, 0, 2), units, long_name)
-            finally:
-                self._cube._plain_outputs = False
             del values
             yield name, item
 

@@ -5,6 +5,7 @@ This module knows arrays and grids; it never reads files or talks to archives.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import numbers
 import warnings
@@ -1424,12 +1425,18 @@ class Drizzle3D:
         if not self._disable_ctx:
             names.append("ctx")
         for name in names:
-            self._plain_outputs = plain
-            try:
+            with self._outputs_as(plain):
                 item = getattr(self, _OUTPUT_PROPERTIES.get(name, f"out_{name}"))
-            finally:
-                self._plain_outputs = False
             yield name, item
+
+    @contextlib.contextmanager
+    def _outputs_as(self, plain: bool):
+        """Within the block, outputs are :class:`_PlainArray` (``plain``) or DataArrays."""
+        self._plain_outputs = plain
+        try:
+            yield
+        finally:
+            self._plain_outputs = False
 
     def _dataset_attrs(self) -> dict:
         return {**self._attrs(), "fillval": self._fillval}
