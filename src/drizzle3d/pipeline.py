@@ -478,9 +478,15 @@ def image_footprint(path: str | os.PathLike, grid: OutputGrid, *, margin: float 
         # the LVF: a box sees only part of the detector's range; a box whose bands all
         # miss the grid's wavelengths (e.g. one spectral slab of it) lands nowhere
         lim = band_limits(path, (box.ymin, box.ymax + 1, box.xmin, box.xmax + 1))
-        if lim is None or lim[1] <= edges[0] or lim[0] >= edges[-1]:
+        if not _band_reaches(lim, edges):
             box = None
     return ImageFootprint(path, det, shape, box, wcs)
+
+
+def _band_reaches(lim: tuple[float, float] | None, edges) -> bool:
+    """Whether bands spanning ``lim`` (:func:`~drizzle3d.spherex.band_limits`) overlap
+    the bins ``edges``."""
+    return lim is not None and lim[1] > edges[0] and lim[0] < edges[-1]
 
 
 def read_image_box(path: str | os.PathLike, bbox: BBox, *, zodi: str = "fit"):
@@ -744,25 +750,14 @@ def _map_one(path, ctx_id: int, grid, settings) -> tuple[PreparedImage | None, d
     """Map step for one file: (prepared image or None, record)."""
     path = os.fspath(path)
     known = (settings.get("footprints") or {}).get(path)
+    options = {key: settings[key] for key in ("weighting", "exclude_mask", "zodi", "fast_pixmap")}
     try:
         if known is not None:  # one spectral slab of a run: the box is the whole grid's
             bbox, lim = known
-            edges = grid.wave_edges
-            reaches = bbox is not None and lim is not None and lim[1] > edges[0]
-            prep = None if not (reaches and lim[0] < edges[-1]) else prepare_image(
-                path, grid, weighting=settings["weighting"],
-                exclude_mask=settings["exclude_mask"], zodi=settings["zodi"],
-                fast_pixmap=settings["fast_pixmap"], bbox=BBox(*bbox),
-            )  # fmt: skip
+            reaches = bbox is not None and _band_reaches(lim, grid.wave_edges)
+            prep = prepare_image(path, grid, bbox=BBox(*bbox), **options) if reaches else None
         else:
-            prep = prepare_image(
-                path,
-                grid,
-                weighting=settings["weighting"],
-                exclude_mask=settings["exclude_mask"],
-                zodi=settings["zodi"],
-                fast_pixmap=settings["fast_pixmap"],
-            )
+            prep = prepare_image(path, grid, **options)
     except SpherexFileError as err:
         reason = getattr(err, "problem", None) or str(err)
         logger.warning("skipping %s: %s", path, reason)
