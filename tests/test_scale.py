@@ -104,7 +104,44 @@ def test_process_pool_is_kept_and_survives_dead_workers(small_field, small_grid,
     actual = run(progress=progress)
     assert_same_cube(actual, serial)
     assert actual.run_summary.to_dict() == serial.run_summary.to_dict()
-    assert not _shared_files()  # no partial left in shared memory
+
+    # in shared memory: only the workers' accumulator files, kept for the next run (the
+    # pool's one, and those of a LocalCluster used earlier in this session)
+    def acc_files(key):
+        return {os.path.basename(path) for path, _ in pipeline._ACC_FILES[key][1]}
+
+    pool_files = acc_files("pool")
+    assert len(pool_files) == 1
+    assert _shared_files() == set().union(*(acc_files(k) for k in pipeline._ACC_FILES))
+    pipeline._shutdown_pool()  # ... and the pool's are removed with the pool
+    assert not _shared_files() & pool_files
+
+
+def _worker_env():
+    names = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "OMP_NUM_THREADS")
+    return {k: os.environ.get(k) for k in names}
+
+
+def test_local_cluster_workers_keep_freed_memory(small_field, small_grid, serial):
+    # drizzle3d's LocalCluster: dask's worker settings, but freed memory is kept for reuse
+    # (dask's MALLOC_TRIM_THRESHOLD_=65536 makes every large temporary a fresh, page-faulted
+    # allocation), also after a default cluster left that variable in this process; results
+    # unchanged
+    distributed = pytest.importorskip("distributed")
+    from drizzle3d.pipeline import local_cluster
+
+    with local_cluster(2) as cluster, distributed.Client(cluster) as client:
+        envs = client.run(_worker_env)
+        actual = drizzle_files(small_field.paths, small_grid, client=client)
+    assert len(envs) == 2
+    for env in envs.values():
+        assert env == {
+            "MALLOC_TRIM_THRESHOLD_": str(2**27),
+            "MALLOC_MMAP_THRESHOLD_": str(2**25),
+            "OMP_NUM_THREADS": "1",
+        }
+    assert_same_cube(actual, serial)
+    assert actual.run_summary.to_dict() == serial.run_summary.to_dict()
 
 
 def test_input_order_does_not_matter(small_field, small_grid, serial):

@@ -631,8 +631,9 @@ class Drizzle3DConfig:
         Parallel workers (1: serial; 0: all cores).
     scheduler : str or None
         ``"threads"`` (default when null) or ``"processes"`` for a local pool,
-        ``"local"`` for a dask ``LocalCluster``, or a dask scheduler address
-        (``"tcp://host:8786"``).
+        ``"local"`` for a dask ``LocalCluster``
+        (:func:`drizzle3d.pipeline.local_cluster`), or a dask scheduler
+        address (``"tcp://host:8786"``).
 
     Raises
     ------
