@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -115,6 +116,39 @@ def test_process_pool_is_kept_and_survives_dead_workers(small_field, small_grid,
     assert _shared_files() == set().union(*(acc_files(k) for k in pipeline._ACC_FILES))
     pipeline._shutdown_pool()  # ... and the pool's are removed with the pool
     assert not _shared_files() & pool_files
+
+
+def test_accumulator_files_fall_back_are_released_and_stale_ones_removed(
+    small_field, small_grid, serial, monkeypatch
+):
+    from drizzle3d import pipeline
+
+    def run():
+        return drizzle_files(small_field.paths, small_grid, n_workers=2, executor="processes")
+
+    pipeline._shutdown_pool()
+    # a dead session's files (its pid no longer runs) are removed when new files are made
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    dirs = {pipeline._shared_dir(), tempfile.gettempdir()}
+    stale = [os.path.join(d, f"drizzle3d-{dead.pid}-0123456789ab-acc0") for d in dirs]
+    for path in stale:
+        open(path, "wb").close()
+    # /dev/shm without room for the files (as in a container): a temporary directory serves
+    monkeypatch.setattr(pipeline, "_SHM_MARGIN", 2**62)
+    actual = run()
+    assert_same_cube(actual, serial)
+    assert not any(os.path.exists(p) for p in stale)
+    kept = [path for path, _ in pipeline._ACC_FILES["pool"][1]]
+    assert kept
+    assert all(not path.startswith("/dev/shm") for path in kept)
+    monkeypatch.undo()
+    # files larger than _KEEP_ACC_BYTES are not kept between runs
+    pipeline._shutdown_pool()
+    monkeypatch.setattr(pipeline, "_KEEP_ACC_BYTES", 0)
+    assert_same_cube(run(), serial)
+    assert "pool" not in pipeline._ACC_FILES
+    assert not any(os.path.exists(p) for p in kept)
 
 
 def _worker_env():

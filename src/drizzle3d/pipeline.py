@@ -1079,12 +1079,20 @@ def _init_process(ticks) -> None:
     _WORKER_TICKS = ticks
 
 
-def _shared_dir() -> str:
-    shm = "/dev/shm"
-    if os.name == "posix" and os.path.isdir(shm) and os.access(shm, os.W_OK):
-        return shm
+def _shared_dir(nbytes: int = 0) -> str:
+    """Where workers' accumulator files go: the RAM-backed ``/dev/shm`` when it has room
+    for ``nbytes`` more (containers often give it 64 MB), else the temporary directory
+    (a disk file, but its pages stay in the page cache)."""
     import tempfile
 
+    shm = "/dev/shm"
+    if os.name == "posix" and os.path.isdir(shm) and os.access(shm, os.W_OK):
+        try:
+            st = os.statvfs(shm)
+            if st.f_bavail * st.f_frsize >= nbytes + _SHM_MARGIN:
+                return shm
+        except OSError:
+            pass
     return tempfile.gettempdir()
 
 
@@ -1189,8 +1197,20 @@ def _accumulator_shape(grid: OutputGrid) -> tuple[int, ...]:
 # array), ...])}``. Creating and mapping one costs more than zeroing it (the file system
 # allocates it page by page: ~45 ms for 82 MB, against ~18 ms), so each worker gets one
 # for the session and zeroes it at the start of a round; they are removed when the pool
-# or the session ends, and files of dead sessions when new ones are made.
+# or the session ends (at once after a run when they hold more than _KEEP_ACC_BYTES),
+# and files of dead sessions when new ones are made.
 _ACC_FILES: dict[Any, tuple[tuple, list]] = {}
+#: Free space left on /dev/shm by accumulator files.
+_SHM_MARGIN = 64 * 2**20
+#: Accumulator files larger than this (together) are not kept between runs.
+_KEEP_ACC_BYTES = 512 * 2**20
+
+
+def _release_acc_files(key) -> None:
+    """Drop ``key``'s files after a run if keeping them would hold too much memory."""
+    entry = _ACC_FILES.get(key)
+    if entry and len(entry[1]) * int(np.prod(entry[0])) * 8 > _KEEP_ACC_BYTES:
+        _drop_acc_files(key)
 
 
 def _acc_files(key, shape: tuple, n: int) -> list[tuple[str, np.ndarray]]:
@@ -1205,7 +1225,8 @@ def _acc_files(key, shape: tuple, n: int) -> list[tuple[str, np.ndarray]]:
 
         atexit.register(lambda: [_drop_acc_files(k) for k in list(_ACC_FILES)])
         _ACC_FILES["atexit"] = ((), [])
-    base = os.path.join(_shared_dir(), f"drizzle3d-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    nbytes = n * int(np.prod(shape)) * 8
+    base = os.path.join(_shared_dir(nbytes), f"drizzle3d-{os.getpid()}-{uuid.uuid4().hex[:12]}")
     files = []
     try:
         for k in range(n):
@@ -1229,8 +1250,13 @@ def _drop_acc_files(key) -> None:
 def _remove_stale_files() -> None:
     """Remove shared-memory files left by drizzle3d sessions that are no longer running."""
     import glob
+    import tempfile
 
-    for path in glob.glob(os.path.join(glob.escape(_shared_dir()), "drizzle3d-*-*")):
+    paths = []
+    for d in {_shared_dir(), "/dev/shm", tempfile.gettempdir()}:
+        if os.path.isdir(d):
+            paths += glob.glob(os.path.join(glob.escape(d), "drizzle3d-*-*"))
+    for path in paths:
         pid = os.path.basename(path).split("-")[1]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
@@ -1364,7 +1390,11 @@ def _process_round(chunks, grid, settings, n_inputs, n_workers, progress):
                 _pump(progress, len(items), ticks, lambda: all(f.done() for f in futs))
             return futs
 
-        ok, bad = _claim_round(items, _acc_files("pool", _accumulator_shape(grid), n_pool), submit)
+        try:
+            files = _acc_files("pool", _accumulator_shape(grid), n_pool)
+            ok, bad = _claim_round(items, files, submit)
+        finally:
+            _release_acc_files("pool")
         if bad:
             _shutdown_pool()  # a broken pool is not reused; the retry starts a new one
     return ok, bad
@@ -1495,8 +1525,11 @@ def _dask_round_shared(chunks, grid, settings, n_inputs, client, progress):
     key = ("dask", tuple(workers))
     try:
         with _DASK_LOCK:  # one run at a time on the workers' accumulator files
-            files = _acc_files(key, _accumulator_shape(grid), len(workers))
-            return _claim_round(items, files, submit)
+            try:
+                files = _acc_files(key, _accumulator_shape(grid), len(workers))
+                return _claim_round(items, files, submit)
+            finally:
+                _release_acc_files(key)
     finally:
         _unsubscribe(client, topic)
 
