@@ -1635,7 +1635,8 @@ def local_cluster(n_workers: int | None = None, **kwargs):
         Worker processes (default: all cores).
     **kwargs
         Passed to ``distributed.LocalCluster`` (they override the defaults:
-        ``threads_per_worker=1, processes=True, dashboard_address=None``).
+        ``threads_per_worker=1, processes=True, dashboard_address=":0"``: a free
+        port).
 
     Returns
     -------
@@ -1664,7 +1665,7 @@ def local_cluster(n_workers: int | None = None, **kwargs):
         "n_workers": _resolve_workers(n_workers),
         "threads_per_worker": 1,
         "processes": True,
-        "dashboard_address": None,
+        "dashboard_address": ":0",
     }
     opts.update(kwargs)
     # dask takes these from this process's environment when set there (a first cluster
