@@ -59,6 +59,9 @@ def test_serial_threads_processes_and_local_cluster_agree(
         "processes": drizzle_files(
             small_field.paths, small_grid, n_workers=2, executor="processes"
         ),
+        "processes x3": drizzle_files(
+            small_field.paths, small_grid, n_workers=3, executor="processes"
+        ),
         "LocalCluster": drizzle_files(small_field.paths, small_grid, client=cluster_client),
     }
     for name, actual in runs.items():
@@ -176,6 +179,35 @@ def test_local_cluster_workers_keep_freed_memory(small_field, small_grid, serial
         }
     assert_same_cube(actual, serial)
     assert actual.run_summary.to_dict() == serial.run_summary.to_dict()
+
+
+def test_claims_hand_each_input_to_exactly_one_worker(tmp_path):
+    # workers on one machine take inputs first come, first served: each exactly once
+    from drizzle3d.pipeline import _claimed
+
+    items = [f"item{i}" for i in range(11)]
+    claim_dir = tmp_path / "claims"
+    claim_dir.mkdir()
+    taken = ([], [])
+    gens = [_claimed(items, str(claim_dir), t) for t in taken]
+    got, live = ([], []), [0, 1]
+    while live:
+        for w in list(live):
+            try:
+                got[w].append(next(gens[w]))
+            except StopIteration:
+                live.remove(w)
+    assert sorted(taken[0] + taken[1]) == list(range(len(items)))
+    assert taken[0]
+    assert taken[1]
+    assert [items[i] for i in taken[0]] == got[0]
+    # a task that starts after its run is over (claim directory gone) takes nothing
+    import shutil
+
+    shutil.rmtree(claim_dir)
+    late: list[int] = []
+    assert list(_claimed(items, str(claim_dir), late)) == []
+    assert late == []
 
 
 def test_input_order_does_not_matter(small_field, small_grid, serial):
