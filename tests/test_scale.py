@@ -134,14 +134,19 @@ def test_accumulator_files_fall_back_are_released_and_stale_ones_removed(
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     dirs = {pipeline._shared_dir(), tempfile.gettempdir()}
-    stale = [os.path.join(d, f"drizzle3d-{dead.pid}-0123456789ab-acc0") for d in dirs]
-    for path in stale:
+    tag = pipeline._host_tag()
+    stale = [os.path.join(d, f"drizzle3d-{dead.pid}-{tag}0123456789ab-acc0") for d in dirs]
+    # ... but not those of another machine sharing the directory (a container's pids)
+    other = os.path.join(pipeline._shared_dir(), f"drizzle3d-{dead.pid}-zzzzzz0123456789ab")
+    for path in [*stale, other]:
         open(path, "wb").close()
     # /dev/shm without room for the files (as in a container): a temporary directory serves
     monkeypatch.setattr(pipeline, "_SHM_MARGIN", 2**62)
     actual = run()
     assert_same_cube(actual, serial)
     assert not any(os.path.exists(p) for p in stale)
+    assert os.path.exists(other)
+    os.unlink(other)
     kept = [path for path, _ in pipeline._ACC_FILES["pool"][1]]
     assert kept
     assert all(not path.startswith("/dev/shm") for path in kept)
@@ -177,6 +182,49 @@ def test_local_cluster_workers_keep_freed_memory(small_field, small_grid, serial
             "MALLOC_MMAP_THRESHOLD_": str(2**25),
             "OMP_NUM_THREADS": "1",
         }
+    assert_same_cube(actual, serial)
+    assert actual.run_summary.to_dict() == serial.run_summary.to_dict()
+
+
+def test_interrupted_process_run_stops_at_once_and_spoils_nothing(
+    small_field, small_grid, serial, monkeypatch
+):
+    # an exception out of a run (Ctrl-C in the progress bar) stops every worker at its next
+    # image; the workers' files are replaced, so a task still finishing its image cannot add
+    # to the next run's sums
+    from drizzle3d import pipeline
+
+    def run(**kw):
+        return drizzle_files(small_field.paths, small_grid, n_workers=2, executor="processes", **kw)
+
+    run()
+    before = [path for path, _ in pipeline._ACC_FILES["pool"][1]]
+    after_interrupt = []
+    interrupted = []
+    claimed = pipeline._claimed
+
+    def counting(items, claim_dir, taken):  # this process's own share
+        for item in claimed(items, claim_dir, taken):
+            if interrupted:
+                after_interrupt.append(item)
+            yield item
+
+    def progress(iterable, **_kw):
+        for n, item in enumerate(iterable):
+            if n == 1:
+                interrupted.append(True)
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(pipeline, "_claimed", counting)
+    with pytest.raises(KeyboardInterrupt):
+        run(progress=progress)
+    assert interrupted
+    assert after_interrupt == []
+    assert "pool" not in pipeline._ACC_FILES
+    assert not any(os.path.exists(p) for p in before)
+    monkeypatch.undo()
+    actual = run()
     assert_same_cube(actual, serial)
     assert actual.run_summary.to_dict() == serial.run_summary.to_dict()
 

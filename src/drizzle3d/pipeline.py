@@ -1096,21 +1096,47 @@ def _shared_dir(nbytes: int = 0) -> str:
     return tempfile.gettempdir()
 
 
+@functools.cache
+def _host_tag() -> str:
+    """Six hex digits naming this machine in shared file names (a container sharing
+    ``/dev/shm`` has another host name, and other process ids)."""
+    import socket
+
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
+
+
+def _shared_name(directory: str) -> str:
+    """A new shared file name: ``drizzle3d-<pid>-<host tag><random>`` in ``directory``."""
+    return os.path.join(directory, f"drizzle3d-{os.getpid()}-{_host_tag()}{uuid.uuid4().hex[:12]}")
+
+
 def _shared_array(path: str, shape: tuple, *, create: bool = False) -> np.ndarray:
     """A float64 array of ``shape`` backed by the file ``path`` (created zero-filled).
 
-    Mapped with ``MAP_POPULATE`` where the system has it: the pages are allocated and
-    mapped in one go instead of one page fault per 4 KiB as the array is first touched.
+    A new file's space is allocated at once (``posix_fallocate``: a full file system
+    fails here with ``OSError``, not later with ``SIGBUS`` on first touch), and it is
+    mapped with ``MAP_POPULATE`` where the system has it (one call instead of a page
+    fault per 4 KiB).
     """
     import mmap
 
     size = int(np.prod(shape)) * 8
-    flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
-    fd = os.open(path, flags, 0o600)
+    fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
     try:
         if create:
-            os.ftruncate(fd, size)
-        buf = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+            try:
+                if hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(fd, 0, size)
+                else:  # pragma: no cover - macOS, Windows
+                    os.ftruncate(fd, size)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                raise
+        if os.name == "posix":
+            buf = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+        else:  # pragma: no cover - Windows
+            buf = mmap.mmap(fd, size)
     finally:
         os.close(fd)
     return np.frombuffer(buf, dtype=np.float64).reshape(shape)
@@ -1120,8 +1146,8 @@ def _claimed(items, claim_dir: str, taken: list):
     """Yield the items of a shared list that this worker claims, first come, first served.
 
     Item ``i`` is claimed by creating the file ``claim_dir/i`` (``O_EXCL``: exactly one
-    worker succeeds); its index is appended to ``taken``. Stops if ``claim_dir`` is
-    gone (the run that made it is over).
+    worker succeeds); its index is appended to ``taken``. Stops as soon as ``claim_dir``
+    is gone (:func:`_close_claims`: the round is over).
     """
     for i, item in enumerate(items):
         try:
@@ -1135,28 +1161,45 @@ def _claimed(items, claim_dir: str, taken: list):
         yield item
 
 
+def _close_claims(claim_dir: str) -> None:
+    """End a round's claiming: once this returns, no worker claims another item (the
+    directory is renamed away in one step, then removed)."""
+    import shutil
+
+    closed = f"{claim_dir}.closed"
+    try:
+        os.rename(claim_dir, closed)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(closed, ignore_errors=True)
+
+
 #: In a worker process: accumulator files of the caller's, mapped once and reused.
 _WORKER_ACC: dict[tuple, np.ndarray] = {}
 
 
 def _worker_acc(path: str, shape: tuple) -> np.ndarray:
+    """This worker's mapping of the accumulator file ``path``; mappings of files the
+    caller has removed since (or of another grid) are let go."""
+    for key in list(_WORKER_ACC):
+        if key != (path, shape) and (key[1] != shape or not os.path.exists(key[0])):
+            del _WORKER_ACC[key]
     acc = _WORKER_ACC.get((path, shape))
     if acc is None:
-        for key in [k for k in _WORKER_ACC if k[1] != shape]:  # another grid's: let go
-            del _WORKER_ACC[key]
         acc = _WORKER_ACC[(path, shape)] = _shared_array(path, shape)
     return acc
 
 
-def _claiming_task(items, shipped, settings, n_inputs, tick, acc_path, claim_dir):
+def _claiming_task(items, shipped, settings, n_inputs, tick, acc_path, claim_dir, keep=True):
     """Drizzle the items this worker claims; ``(acc_path, cube, summary, indices)``.
 
     A worker accumulates straight into the shared-memory file ``acc_path`` that the
     caller keeps mapped (:func:`_acc_files`; zeroed here first, as it is reused round
     after round), so its partial is never copied or sent: the cube comes back without
-    its accumulators, or None if the worker claimed no item. With ``acc_path`` None
-    (the caller's own share, in a thread) the cube keeps its own memory and is always
-    returned.
+    its accumulators, or None if the worker claimed no item. ``keep=False``: the caller
+    removes the file after this round, so the mapping is not kept either. With
+    ``acc_path`` None (the caller's own share, in a thread) the cube keeps its own
+    memory and is always returned.
     """
     grid = shipped if isinstance(shipped, OutputGrid) else shipped.grid()
     d = _new_cube(grid, settings, n_inputs)
@@ -1171,20 +1214,24 @@ def _claiming_task(items, shipped, settings, n_inputs, tick, acc_path, claim_dir
         acc[...] = 0.0
         d._adopt_accumulators(acc)
     taken: list[int] = []
-    d, summary = _drizzle_items(
-        _claimed(items, claim_dir, taken), grid, settings, n_inputs, tick, cube=d
-    )
-    if acc_path is not None:
-        if not taken:
-            return None
-        d._acc = None  # the caller has the file mapped: only the rest travels
+    try:
+        d, summary = _drizzle_items(
+            _claimed(items, claim_dir, taken), grid, settings, n_inputs, tick, cube=d
+        )
+    finally:
+        if acc_path is not None:
+            d._acc = None  # the caller has the file mapped: only the rest travels
+            if not keep:
+                _WORKER_ACC.pop((acc_path, d._accumulator_shape()), None)
+    if acc_path is not None and not taken:
+        return None
     return acc_path, d, summary, taken
 
 
-def _process_task(items, shipped, settings, n_inputs, acc_path, claim_dir):
+def _process_task(items, shipped, settings, n_inputs, acc_path, claim_dir, keep):
     ticks = _WORKER_TICKS
     tick = None if ticks is None else (lambda: ticks.put(1))
-    return _claiming_task(items, shipped, settings, n_inputs, tick, acc_path, claim_dir)
+    return _claiming_task(items, shipped, settings, n_inputs, tick, acc_path, claim_dir, keep)
 
 
 def _accumulator_shape(grid: OutputGrid) -> tuple[int, ...]:
@@ -1193,80 +1240,102 @@ def _accumulator_shape(grid: OutputGrid) -> tuple[int, ...]:
     return (ny, nx, nz, N_FIELDS)
 
 
-# Accumulator files of workers on this machine, by back-end: ``{key: (shape, [(path,
-# array), ...])}``. Creating and mapping one costs more than zeroing it (the file system
-# allocates it page by page: ~45 ms for 82 MB, against ~18 ms), so each worker gets one
-# for the session and zeroes it at the start of a round; they are removed when the pool
-# or the session ends (at once after a run when they hold more than _KEEP_ACC_BYTES),
-# and files of dead sessions when new ones are made.
+# Accumulator files of workers on this machine, by back-end ("pool", or ("dask",
+# workers)): ``{key: (shape, [(path, array), ...])}``. Creating and mapping one costs
+# more than zeroing it (the file system allocates it page by page: ~45 ms for 82 MB,
+# against ~18 ms), so each worker task gets one for the session and zeroes it at the start
+# of a round. They are removed when the pool, the cluster made by ``client="local"`` or
+# the session ends, at once after a run when together larger than _KEEP_ACC_BYTES (the
+# workers then let go of their mappings too), and after a round that did not end
+# normally (a task of it may still be writing: the next round gets new files); files of
+# dead sessions on this machine are removed when new ones are made.
 _ACC_FILES: dict[Any, tuple[tuple, list]] = {}
+_ACC_LOCK = threading.RLock()
 #: Free space left on /dev/shm by accumulator files.
 _SHM_MARGIN = 64 * 2**20
 #: Accumulator files larger than this (together) are not kept between runs.
 _KEEP_ACC_BYTES = 512 * 2**20
 
 
-def _release_acc_files(key) -> None:
-    """Drop ``key``'s files after a run if keeping them would hold too much memory."""
-    entry = _ACC_FILES.get(key)
-    if entry and len(entry[1]) * int(np.prod(entry[0])) * 8 > _KEEP_ACC_BYTES:
-        _drop_acc_files(key)
+def _keep_acc_files(shape: tuple, n: int) -> bool:
+    return n * int(np.prod(shape)) * 8 <= _KEEP_ACC_BYTES
 
 
 def _acc_files(key, shape: tuple, n: int) -> list[tuple[str, np.ndarray]]:
-    entry = _ACC_FILES.get(key)
-    if entry is not None and entry[0] == shape and len(entry[1]) >= n:
-        return entry[1][:n]
-    for old in [k for k in _ACC_FILES if k == key or (k[0] == "dask" == key[0])]:
-        _drop_acc_files(old)  # (one cluster's files at a time)
-    _remove_stale_files()
-    if not _ACC_FILES.get("atexit"):
-        import atexit
+    """``n`` zero-filled accumulator files of ``shape`` for ``key``'s workers, mapped here."""
+    with _ACC_LOCK:
+        entry = _ACC_FILES.get(key)
+        if entry is not None and entry[0] == shape and len(entry[1]) >= n:
+            for path, _ in entry[1][n:]:  # fewer workers than before: no spare files kept
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            _ACC_FILES[key] = (shape, entry[1][:n])
+            return entry[1][:n]
+        for old in [k for k in _ACC_FILES if k == key or (k[0] == "dask" == key[0])]:
+            _drop_acc_files(old)  # (one cluster's files at a time)
+        _remove_stale_files()
+        if not _ACC_FILES.get("atexit"):
+            import atexit
 
-        atexit.register(lambda: [_drop_acc_files(k) for k in list(_ACC_FILES)])
-        _ACC_FILES["atexit"] = ((), [])
-    nbytes = n * int(np.prod(shape)) * 8
-    base = os.path.join(_shared_dir(nbytes), f"drizzle3d-{os.getpid()}-{uuid.uuid4().hex[:12]}")
-    files = []
-    try:
-        for k in range(n):
-            files.append((f"{base}-acc{k}", _shared_array(f"{base}-acc{k}", shape, create=True)))
-    except BaseException:
-        for path, _ in files:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        raise
-    _ACC_FILES[key] = (shape, files)
-    return files
+            atexit.register(lambda: [_drop_acc_files(k) for k in list(_ACC_FILES)])
+            _ACC_FILES["atexit"] = ((), [])
+        files: list[tuple[str, np.ndarray]] = []
+        try:
+            for _ in range(n):
+                try:
+                    path = _shared_name(_shared_dir(n * int(np.prod(shape)) * 8))
+                    files.append((path, _shared_array(path, shape, create=True)))
+                except OSError:  # /dev/shm filled up meanwhile: a disk-backed file
+                    import tempfile
+
+                    path = _shared_name(tempfile.gettempdir())
+                    files.append((path, _shared_array(path, shape, create=True)))
+        except BaseException:
+            for path, _ in files:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            raise
+        _ACC_FILES[key] = (shape, files)
+        return files
 
 
 def _drop_acc_files(key) -> None:
-    entry = _ACC_FILES.pop(key, None)
+    with _ACC_LOCK:
+        entry = _ACC_FILES.pop(key, None)
     for path, _ in entry[1] if entry else []:
         with contextlib.suppress(OSError):
             os.unlink(path)
 
 
+def _drop_dask_files() -> None:
+    with _ACC_LOCK:
+        for key in [k for k in _ACC_FILES if k[0] == "dask"]:
+            _drop_acc_files(key)
+
+
 def _remove_stale_files() -> None:
-    """Remove shared-memory files left by drizzle3d sessions that are no longer running."""
+    """Remove shared files left by drizzle3d sessions on this machine that no longer run."""
     import glob
+    import shutil
     import tempfile
 
+    if os.name != "posix":  # pragma: no cover - no cheap liveness test of a pid there
+        return
     paths = []
     for d in {_shared_dir(), "/dev/shm", tempfile.gettempdir()}:
         if os.path.isdir(d):
             paths += glob.glob(os.path.join(glob.escape(d), "drizzle3d-*-*"))
     for path in paths:
-        pid = os.path.basename(path).split("-")[1]
-        if not pid.isdigit() or int(pid) == os.getpid():
+        parts = os.path.basename(path).split("-")
+        if not parts[1].isdigit() or not parts[2].startswith(_host_tag()):
+            continue
+        if int(parts[1]) == os.getpid():
             continue
         try:
-            os.kill(int(pid), 0)
+            os.kill(int(parts[1]), 0)
         except ProcessLookupError:
             with contextlib.suppress(OSError):
                 if os.path.isdir(path):
-                    import shutil
-
                     shutil.rmtree(path, ignore_errors=True)
                 else:
                     os.unlink(path)
@@ -1274,7 +1343,7 @@ def _remove_stale_files() -> None:
             continue
 
 
-def _claim_round(items: list, acc_files: list, submit: Callable):
+def _claim_round(items: list, key, acc_files: list, submit: Callable):
     """One first-come-first-served round over ``items`` by workers on this machine.
 
     ``submit(claim_dir, acc_paths)`` starts one task per accumulator file (and, if it
@@ -1282,13 +1351,10 @@ def _claim_round(items: list, acc_files: list, submit: Callable):
     :func:`_claiming_task`. Returns ``(partials, [(missing items, error)])``: one
     partial in this process's own memory (the workers' files are merged into the first
     private partial, or a copy of the first file), and the items no finished task
-    accounts for (lost with a dead worker).
+    accounts for (lost with a dead worker). If the round does not end normally, or a
+    worker was lost, ``key``'s files are dropped (a task may still be writing to them).
     """
-    import shutil
-
-    claim_dir = os.path.join(
-        _shared_dir(), f"drizzle3d-{os.getpid()}-{uuid.uuid4().hex[:12]}-claims"
-    )
+    claim_dir = _shared_name(_shared_dir()) + "-claims"
     os.mkdir(claim_dir, 0o700)
     mapped = dict(acc_files)
     parts, covered, err = [], set(), None
@@ -1305,20 +1371,24 @@ def _claim_round(items: list, acc_files: list, submit: Callable):
                     d._adopt_accumulators(mapped[path])
                 parts.append((d, summary, path is not None))
                 covered.update(taken)
-    finally:
-        shutil.rmtree(claim_dir, ignore_errors=True)
-    # the files are reused by the next round: nothing may keep them
-    own = [(d, s) for d, s, shared in parts if not shared]
-    shared = [(d, s) for d, s, is_shared in parts if is_shared]
-    if shared and not own:
-        d, s = shared.pop(0)
-        d._adopt_accumulators(d._acc.copy())
-        own = [(d, s)]
-    merged = _tree_reduce(own + shared)
+        # the files are reused by the next round: nothing may keep them
+        own = [(d, s) for d, s, shared in parts if not shared]
+        shared = [(d, s) for d, s, is_shared in parts if is_shared]
+        if shared and not own:
+            d, s = shared.pop(0)
+            d._adopt_accumulators(d._acc.copy())
+            own = [(d, s)]
+        merged = _tree_reduce(own + shared)
+    except BaseException:
+        _close_claims(claim_dir)
+        _drop_acc_files(key)
+        raise
+    _close_claims(claim_dir)
     missing = [it for i, it in enumerate(items) if i not in covered]
     ok = [merged] if merged is not None else []
     if not missing:
         return ok, []
+    _drop_acc_files(key)
     if err is None:  # pragma: no cover - every task finished yet an item was not claimed
         err = RuntimeError("an input was claimed by no worker")
     return ok, [(missing, err)]
@@ -1329,7 +1399,7 @@ def _process_pool(n_workers: int):
     entry = _POOL.get("pool")
     if entry is not None and entry[0] == n_workers and not getattr(entry[1], "_broken", False):
         return entry[1], entry[2]
-    _shutdown_pool()
+    _shutdown_pool(drop_files=False)  # its workers are gone: the files can serve the next
     import atexit
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
@@ -1346,8 +1416,9 @@ def _process_pool(n_workers: int):
     return ex, ticks
 
 
-def _shutdown_pool() -> None:
-    _drop_acc_files("pool")
+def _shutdown_pool(drop_files: bool = True) -> None:
+    if drop_files:
+        _drop_acc_files("pool")
     entry = _POOL.pop("pool", None)
     if entry is not None:
         entry[1].shutdown(wait=True, cancel_futures=True)
@@ -1355,16 +1426,22 @@ def _shutdown_pool() -> None:
         entry[2].join_thread()
 
 
-def _process_round(chunks, grid, settings, n_inputs, n_workers, progress):
-    """One round over the chunks' items on the process pool and in this process, first
-    come, first served: (partials, [(missing items, error)])."""
+def _process_round(chunks, grid, settings, n_inputs, n_workers, progress, own=True):
+    """One round over the chunks' items, first come, first served, on the process pool
+    and (``own``) in this process: (partials, [(missing items, error)]).
+
+    Retry rounds run without this process's share: an input that killed a worker must
+    not run here."""
     from concurrent.futures.process import BrokenProcessPool
 
     items = [it for c in chunks for it in c]
     shipped = _ShippedGrid(grid)
-    n_pool = min(n_workers - 1, len(items))
+    n_procs = max(1, n_workers - 1)
+    n_pool = min(n_procs, len(items))
+    shape = _accumulator_shape(grid)
+    keep = _keep_acc_files(shape, n_pool)
     with _POOL_LOCK:  # one run at a time on the shared pool (and its progress queue)
-        ex, ticks = _process_pool(n_workers - 1)
+        ex, ticks = _process_pool(n_procs)
         with contextlib.suppress(queue.Empty, OSError, ValueError):
             while True:  # ticks left over by an interrupted run
                 ticks.get_nowait()
@@ -1374,27 +1451,33 @@ def _process_round(chunks, grid, settings, n_inputs, n_workers, progress):
 
             def start():
                 return [ex.submit(_process_task, items, shipped, settings, n_inputs, p,
-                                  claim_dir) for p in acc_paths]  # fmt: skip
+                                  claim_dir, keep) for p in acc_paths]  # fmt: skip
 
             try:
                 futs = start()
             except BrokenProcessPool:  # a worker of the kept pool died since its last run
-                _shutdown_pool()
-                ex, ticks = _process_pool(n_workers - 1)
+                _shutdown_pool(drop_files=False)  # (the files are this round's)
+                ex, ticks = _process_pool(n_procs)
                 futs = start()
-            # this process is the last worker: its share never travels, and the final
-            # merge adds the pool's shares (already mapped here) into it
-            with ThreadPoolExecutor(1, thread_name_prefix="drizzle3d") as own:
-                futs.insert(0, own.submit(_claiming_task, items, grid, settings, n_inputs,
-                                          lambda: ticks.put(1), None, claim_dir))  # fmt: skip
-                _pump(progress, len(items), ticks, lambda: all(f.done() for f in futs))
+            with ThreadPoolExecutor(1, thread_name_prefix="drizzle3d") as mine:
+                if own:
+                    # this process is a worker too: its share never travels, and the
+                    # final merge adds the pool's shares (mapped here) into it
+                    futs.insert(0, mine.submit(_claiming_task, items, grid, settings,
+                                               n_inputs, lambda: ticks.put(1), None,
+                                               claim_dir))  # fmt: skip
+                try:
+                    _pump(progress, len(items), ticks, lambda: all(f.done() for f in futs))
+                except BaseException:
+                    _close_claims(claim_dir)  # every worker stops at its next claim
+                    raise
             return futs
 
         try:
-            files = _acc_files("pool", _accumulator_shape(grid), n_pool)
-            ok, bad = _claim_round(items, files, submit)
+            ok, bad = _claim_round(items, "pool", _acc_files("pool", shape, n_pool), submit)
         finally:
-            _release_acc_files("pool")
+            if not keep:
+                _drop_acc_files("pool")
         if bad:
             _shutdown_pool()  # a broken pool is not reused; the retry starts a new one
     return ok, bad
@@ -1422,7 +1505,7 @@ def _staged(run_round, chunks):
             groups = [[c] for c, _ in pending]
         nxt = []
         for group in groups:
-            ok, bad = run_round(group)
+            ok, bad = run_round(group, stage)
             parts += ok
             nxt += bad
         pending = nxt
@@ -1436,7 +1519,9 @@ def _staged(run_round, chunks):
 
 def _run_processes(items, grid, settings, n_inputs, n_workers, progress):
     parts, failed = _staged(
-        lambda group: _process_round(group, grid, settings, n_inputs, n_workers, progress),
+        lambda group, stage: _process_round(
+            group, grid, settings, n_inputs, n_workers, progress, own=stage == "chunks"
+        ),
         [items],
     )
     return _finish_parts(parts, failed, grid, settings, n_inputs)
@@ -1470,7 +1555,7 @@ def _dask_task(items, shipped, settings, n_inputs, topic):
     return _drizzle_items(items, grid, settings, n_inputs, tick)
 
 
-def _dask_task_shared(items, shipped, settings, n_inputs, topic, acc_path, claim_dir):
+def _dask_task_shared(items, shipped, settings, n_inputs, topic, acc_path, claim_dir, keep):
     """:func:`_claiming_task` on a worker on the client's machine (accumulating into
     the shared-memory file ``acc_path``)."""
     tick = None
@@ -1482,7 +1567,7 @@ def _dask_task_shared(items, shipped, settings, n_inputs, topic, acc_path, claim
         def tick():
             worker.log_event(topic, 1)
 
-    return _claiming_task(items, shipped, settings, n_inputs, tick, acc_path, claim_dir)
+    return _claiming_task(items, shipped, settings, n_inputs, tick, acc_path, claim_dir, keep)
 
 
 def _local_cluster(client) -> bool:
@@ -1499,37 +1584,47 @@ def _local_cluster(client) -> bool:
     return bool(hosts) and hosts <= here
 
 
-def _dask_round_shared(chunks, grid, settings, n_inputs, client, progress):
-    """One round on workers on this machine, first come, first served; each accumulates
-    into a shared-memory file mapped here (nothing large crosses the network stack)."""
+def _dask_round_shared(chunks, grid, settings, n_inputs, client, progress, n_tasks=None):
+    """One round on workers on this machine, first come, first served: one task per
+    worker thread (at most ``n_tasks``), each accumulating into a shared-memory file
+    mapped here (nothing large crosses the network stack)."""
     from distributed import wait
 
     items = [it for c in chunks for it in c]
     ticks: queue.SimpleQueue = queue.SimpleQueue()
     topic = _subscribe(client, ticks)
     shipped = _ShippedGrid(grid)
-    # one task per worker (the scheduler may otherwise queue two on one worker while
-    # another idles); a task still moves if its worker dies
-    workers = sorted(client.scheduler_info()["workers"])[: max(1, len(items))]
+    info = client.scheduler_info()["workers"]
+    slots = [w for w in sorted(info) for _ in range(max(1, int(info[w].get("nthreads") or 1)))]
+    slots = slots[: max(1, min(len(slots), n_tasks or len(slots), len(items)))]
+    shape = _accumulator_shape(grid)
+    keep = _keep_acc_files(shape, len(slots))
+    key = ("dask", tuple(sorted(info)))
 
     def submit(claim_dir, acc_paths):
+        # tasks pinned to their worker (the scheduler may otherwise queue two on one worker
+        # while another idles); a task still moves if its worker dies
         futs = [
             client.submit(_dask_task_shared, items, shipped, settings, n_inputs, topic, p,
-                          claim_dir, pure=False, workers=[w], allow_other_workers=True)
-            for w, p in zip(workers, acc_paths, strict=True)
+                          claim_dir, keep, pure=False, workers=[w], allow_other_workers=True)
+            for w, p in zip(slots, acc_paths, strict=True)
         ]  # fmt: skip
-        _pump(progress, len(items), ticks, lambda: all(f.done() for f in futs))
-        wait(futs)
+        try:
+            _pump(progress, len(items), ticks, lambda: all(f.done() for f in futs))
+            wait(futs)
+        except BaseException:
+            _close_claims(claim_dir)
+            raise
         return futs
 
-    key = ("dask", tuple(workers))
     try:
         with _DASK_LOCK:  # one run at a time on the workers' accumulator files
             try:
-                files = _acc_files(key, _accumulator_shape(grid), len(workers))
-                return _claim_round(items, files, submit)
+                files = _acc_files(key, shape, len(slots))
+                return _claim_round(items, key, files, submit)
             finally:
-                _release_acc_files(key)
+                if not keep:
+                    _drop_acc_files(key)
     finally:
         _unsubscribe(client, topic)
 
@@ -1589,12 +1684,17 @@ def _dask_round(chunks, grid, settings, n_inputs, client, progress):
 
 def _run_dask(items, grid, settings, n_inputs, client, n_chunks, progress):
     if _local_cluster(client):
-        run_round, chunks = _dask_round_shared, [items]
+        chunks = [items]
+
+        def run_round(group, _stage):
+            return _dask_round_shared(group, grid, settings, n_inputs, client, progress, n_chunks)
     else:
-        run_round, chunks = _dask_round, _split(items, n_chunks)
-    parts, failed = _staged(
-        lambda group: run_round(group, grid, settings, n_inputs, client, progress), chunks
-    )
+        chunks = _split(items, n_chunks)
+
+        def run_round(group, _stage):
+            return _dask_round(group, grid, settings, n_inputs, client, progress)
+
+    parts, failed = _staged(run_round, chunks)
     return _finish_parts(parts, failed, grid, settings, n_inputs)
 
 
@@ -1626,8 +1726,10 @@ def local_cluster(n_workers: int | None = None, **kwargs):
     worker: 0.80-0.88 s per worker, against 0.49-0.53 s here). The workers of this
     cluster keep freed blocks of up to 32 MiB for reuse and return free memory
     beyond 128 MiB (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``); every
-    other setting is dask's. ``drizzle_files(..., client="local")`` and a
-    configuration's ``scheduler: local`` use it.
+    other setting is dask's. Only the workers started here get these settings
+    (workers added later by ``scale`` or ``adapt`` start with dask's).
+    ``drizzle_files(..., client="local")`` and a configuration's ``scheduler:
+    local`` use it.
 
     Parameters
     ----------
@@ -1692,8 +1794,11 @@ def _client_for(client, n_workers):
     from distributed import Client
 
     if client == "local":
-        with local_cluster(n_workers) as cluster, Client(cluster) as c:
-            yield c
+        try:
+            with local_cluster(n_workers) as cluster, Client(cluster) as c:
+                yield c
+        finally:
+            _drop_dask_files()  # its workers are gone
         return
     with Client(client) as c:
         yield c
@@ -1703,7 +1808,8 @@ def _run_items(items, grid, settings, n_inputs, *, n_workers, executor, client, 
     """Dispatch one batch of items to the chosen backend; returns (Drizzle3D, RunSummary)."""
     progress = progress or _noop_progress
     if client is not None:
-        n_chunks = max(1, n_workers or _dask_workers(client))
+        # the default (1) and None/0 mean the whole cluster: one task per worker thread
+        n_chunks = n_workers if n_workers and n_workers > 1 else _dask_workers(client)
         return _run_dask(items, grid, settings, n_inputs, client, n_chunks, progress)
     if n_workers <= 1 or len(items) <= 1:
         return _drizzle_items(progress(items, desc="images", unit="img"), grid, settings, n_inputs)
@@ -1875,8 +1981,8 @@ def drizzle_files(
         (a serial two-pass run; not combined with ``resume`` or checkpoints).
     n_workers : int or None, optional
         Local workers (default 1: serial, in this thread). ``None`` or 0: all
-        cores. With a ``client`` on another machine: the number of chunks
-        (default: its threads); workers on this machine run one task each.
+        cores. With a ``client``: the number of tasks; the default, ``None`` or
+        0 mean one per thread of the cluster's workers.
     executor : {"threads", "processes"}, optional
         Local back-end. The kernels release the GIL, so ``"threads"`` (the
         default) scales without shipping partial cubes between processes. With
