@@ -1030,15 +1030,26 @@ def _split(items: list, n: int) -> list[list]:
 
 
 def _pump(progress, total: int, ticks, finished: Callable[[], bool]) -> None:
-    """Advance a progress bar once per tick from workers until all ``total`` arrived."""
+    """Advance a progress bar once per tick from workers until all ``total`` arrived.
+
+    Once every task has finished, ticks still on their way (a process queue delivers
+    them in the background, after the task may have returned) get ``_TICK_GRACE``
+    seconds each to arrive; then the bar stops where it is (inputs lost with a worker
+    never tick).
+    """
     for _ in progress(range(total), desc="images", unit="img"):
         while True:
+            done = finished()
             try:
-                ticks.get(timeout=0.1)
+                ticks.get(timeout=_TICK_GRACE if done else 0.1)
                 break
             except queue.Empty:
-                if finished():
+                if done:
                     return
+
+
+#: Seconds a finished run waits for each progress tick still on its way.
+_TICK_GRACE = 1.0
 
 
 # -- threads ---------------------------------------------------------------
