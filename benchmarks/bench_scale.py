@@ -6,7 +6,9 @@
    ``client="local"`` makes it) and one with dask's default settings, all cores
    each, timed end to end (after a warm-up run that loads numba's cached kernels).
    Prints seconds, the speed-up over serial and the largest difference from the
-   serial cube.
+   serial cube, and first how much two processes gain over one on this machine at
+   that moment for compute-bound and for memory-bound work (on a shared virtual
+   machine the latter varies from minute to minute, and so do parallel runs).
 2. A tiled run (``drizzle_tiled``, one worker) over a mosaic whose float64 state
    would need 4x the memory limit set for it, in a subprocess; prints its peak
    resident memory (VmHWM) against the limit.
@@ -38,6 +40,37 @@ VOXEL_BYTES = 8 * N_FIELDS  # float64 accumulator state per voxel
 
 def _field(cache: Path, n: int) -> list[str]:
     return full_frame_field(cache, n, seed=16)
+
+
+def _loop(n: int) -> float:
+    t = time.perf_counter()
+    total = 0
+    for i in range(n):
+        total += i * i
+    return time.perf_counter() - t
+
+
+def _stream(n: int) -> float:
+    a = np.ones(10_000_000)
+    t = time.perf_counter()
+    for _ in range(n):
+        a += 1.0
+    return time.perf_counter() - t
+
+
+def _machine_scaling() -> dict[str, float]:
+    """How much faster two processes finish two equal jobs than one process one job, on
+    this machine right now: a Python loop (cores) and array streaming (memory bandwidth),
+    best of 3. The ceiling for any parallel run measured in the same minute."""
+    import multiprocessing as mp
+
+    out = {}
+    with mp.get_context("spawn").Pool(2) as pool:
+        for name, fn, n in (("cores", _loop, 5_000_000), ("memory", _stream, 20)):
+            one = min(pool.apply(fn, (n,)) for _ in range(3))
+            two = min(max(pool.map(fn, [n, n])) for _ in range(3))
+            out[name] = 2 * one / two
+    return out
 
 
 def _speedups(paths: list[str], repeat: int) -> None:
@@ -96,7 +129,10 @@ def _speedups(paths: list[str], repeat: int) -> None:
             runs[name] = best
     e = ref.out_sci.values
     scale = np.nanmax(np.abs(e))
+    ceiling = _machine_scaling()
     print(f"\n{len(paths)} full-frame D3 exposures -> 30x30 arcmin native grid, {ncores} cores")
+    print("this machine now, 2 processes vs 1: "
+          + ", ".join(f"{k}-bound work {v:.2f}x" for k, v in ceiling.items()))  # fmt: skip
     print(f"{'run':<22}{'seconds':>9}{'s/exposure':>12}{'speed-up':>10}{'max |diff|/max':>16}")
     for name, sec in runs.items():
         diff = 0.0
