@@ -499,7 +499,11 @@ def test_tiled_peak_memory_is_bounded_by_the_tile(small_field, tmp_path):
     assert ds["sci"].chunks[1][0] == 125
 
 
-def test_config_update_adds_only_new_images(small_field, small_grid, serial, tmp_path):
+@pytest.mark.parametrize("scheduler", [None, "processes", "local"])
+def test_config_update_adds_only_new_images(small_field, small_grid, serial, tmp_path, scheduler):
+    # through a YAML-style configuration, on each local back-end (threads, the process
+    # pool, drizzle3d's LocalCluster)
+    from drizzle3d import pipeline
     from drizzle3d.config import Drizzle3DConfig
     from drizzle3d.io import load_cube
     from drizzle3d.pipeline import drizzle
@@ -512,6 +516,7 @@ def test_config_update_adds_only_new_images(small_field, small_grid, serial, tmp
             "inputs": {"files": files},
             "output": {"directory": str(tmp_path), "formats": ["netcdf"], "update": True},
             "workers": 2,
+            "scheduler": scheduler,
         })  # fmt: skip
 
     drizzle(config(paths[:4]))
@@ -526,3 +531,5 @@ def test_config_update_adds_only_new_images(small_field, small_grid, serial, tmp
     summary = json.loads(actual.attrs["run_summary"])
     assert summary["counts"]["already_included"] == 4
     assert actual.attrs["n_images"] == 8
+    if scheduler == "local":  # the cluster it started is gone, and its files with it
+        assert not [k for k in pipeline._ACC_FILES if k[0] == "dask"]
