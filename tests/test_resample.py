@@ -686,3 +686,46 @@ def test_large_drops_conserve_weight(rng):
     assert d.out_wht.values.sum() == pytest.approx(weights.sum() * scale**2, rel=1e-9)
     has = d.out_wht.values > 0
     np.testing.assert_allclose(d.out_sci.values[has], 2.5, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("weighting", ["ivm", "exptime", "uniform"])
+def test_pixel_weights_follow_their_definition_bit_for_bit(dtype, weighting):
+    # the compiled one-pass preparation against the weights' numpy definition: finite value
+    # and variance >= 0 (> 0 for ivm), min(1/var, ivar_max) | exptime | 1, excluded flags 0,
+    # times the weight map, times wht_scale
+    from drizzle3d import _kernels
+
+    rng = np.random.default_rng(3)
+    d = rng.normal(size=(40, 50)).astype(dtype)
+    v = rng.uniform(-0.2, 3.0, size=(40, 50)).astype(dtype)
+    d[0, :5] = np.nan
+    v[1, :5] = np.inf
+    v[2, :5] = 0.0
+    v[3, :3] = np.finfo(dtype).smallest_subnormal  # 1/var overflows to inf
+    f = rng.integers(0, 8, size=(40, 50)).astype(np.int64)
+    wm = rng.uniform(0.0, 2.0, size=(40, 50)).astype(np.float32)
+    for use_map in (False, True):
+        for ivar_max in (np.inf, 2.5):
+            for exclude in (0, 5):
+                d64, v64 = d.astype(np.float64), v.astype(np.float64)
+                with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+                    good = np.isfinite(d64) & np.isfinite(v64) & (v64 >= 0)
+                    if weighting == "ivm":
+                        good &= v64 > 0
+                        expected = np.minimum(np.where(good, 1.0 / np.where(good, v64, 1.0), 0.0),
+                                              ivar_max)  # fmt: skip
+                    else:
+                        expected = np.where(good, 3.7 if weighting == "exptime" else 1.0, 0.0)
+                expected[(f & exclude) != 0] = 0.0
+                if use_map:
+                    expected = expected * wm
+                expected = expected * 0.9
+                out = [np.empty(d.shape) for _ in range(3)]
+                _kernels.pixel_weights(
+                    d, v, f, exclude, wm if use_map else np.zeros((1, 1), np.float32), use_map,
+                    _kernels.WEIGHTING_IDS[weighting], ivar_max, 3.7, 0.9, *out,
+                )  # fmt: skip
+                np.testing.assert_array_equal(out[2].view(np.int64), expected.view(np.int64))
+                np.testing.assert_array_equal(out[0], d64)
+                np.testing.assert_array_equal(out[1], v64)

@@ -703,6 +703,60 @@ def drizzle_image(
     )  # fmt: skip
 
 
+#: Pixel weightings of :func:`pixel_weights` (``Drizzle3D`` ``weighting``).
+WEIGHTING_IDS = {"ivm": 0, "exptime": 1, "uniform": 2}
+
+
+@_jit
+def pixel_weights(
+    data, var, flags, exclude, weight_map, use_map, weighting_id, ivar_max, exptime, wht_scale,
+    d_out, v_out, w_out,
+):  # fmt: skip
+    """One pass over an image: float64 copies of ``data`` and ``var`` and the weights.
+
+    A pixel counts when its value and variance are finite and the variance is >= 0
+    (> 0 for ``ivm``) and it has no flag in ``exclude``; its weight is then ``min(1 /
+    var, ivar_max)`` (ivm), ``exptime`` or 1, times ``weight_map`` (if ``use_map``) and
+    ``wht_scale``; else 0. The same operations in the same order as the numpy
+    expression it replaces, so the weights are identical to the last bit.
+    """
+    ny, nx = data.shape
+    for j in range(ny):
+        for i in range(nx):
+            dv = np.float64(data[j, i])
+            vv = np.float64(var[j, i])
+            d_out[j, i] = dv
+            v_out[j, i] = vv
+            good = math.isfinite(dv) and math.isfinite(vv) and vv >= 0.0
+            if weighting_id == 0:
+                good = good and vv > 0.0
+                w = min(1.0 / vv, ivar_max) if good else 0.0
+            elif weighting_id == 1:
+                w = exptime if good else 0.0
+            else:
+                w = 1.0 if good else 0.0
+            if exclude != 0 and (flags[j, i] & exclude) != 0:
+                w = 0.0
+            if use_map:
+                w = w * weight_map[j, i]
+            w_out[j, i] = w * wht_scale
+
+
+@_jit
+def bad_wavemap(wavemap):
+    """``(any bandwidth <= 0, any wavelength <= 0)`` among finite values of a wavemap."""
+    bad_bw = False
+    bad_lam = False
+    ny, nx = wavemap.shape[:2]
+    for j in range(ny):
+        for i in range(nx):
+            if wavemap[j, i, 1] <= 0.0:
+                bad_bw = True
+            if wavemap[j, i, 0] <= 0.0:
+                bad_lam = True
+    return bad_bw, bad_lam
+
+
 @_jit
 def merge_blocks(acc, macc, other, mother):
     """Add another cube's accumulator blocks into ``acc`` in one pass (sums added,

@@ -106,6 +106,18 @@ SETTINGS = (
 )
 
 
+_NO_MAP = np.zeros((1, 1))
+
+
+def _as_float(a):
+    """``a`` as a C-contiguous native float32 or float64 array for the compiled
+    preparation (no copy when it already is one; anything else becomes float64)."""
+    a = np.asarray(a)
+    if a.dtype in (np.float32, np.float64):  # (native byte order only)
+        return np.ascontiguousarray(a)
+    return np.ascontiguousarray(a, dtype=np.float64)
+
+
 class Drizzle3D:
     """Combine spectral images into a (wavelength, y, x) cube with a 3-D drizzle.
 
@@ -707,15 +719,11 @@ class Drizzle3D:
             )
         pixmap = np.ascontiguousarray(pixmap, dtype=np.float64)
         wavemap = np.ascontiguousarray(wavemap, dtype=np.float64)
-        lam = wavemap[..., 0]
-        bw = wavemap[..., 1]
-        with np.errstate(invalid="ignore"):
-            if np.any(bw <= 0):
-                raise ValueError("'wavemap' bandwidths (wavemap[..., 1]) must be > 0 where finite.")
-            if np.any(lam <= 0):
-                raise ValueError(
-                    "'wavemap' wavelengths (wavemap[..., 0]) must be > 0 where finite."
-                )
+        bad_bw, bad_lam = _kernels.bad_wavemap(wavemap)
+        if bad_bw:
+            raise ValueError("'wavemap' bandwidths (wavemap[..., 1]) must be > 0 where finite.")
+        if bad_lam:
+            raise ValueError("'wavemap' wavelengths (wavemap[..., 0]) must be > 0 where finite.")
         if pixel_scale_ratio is not None:
             pscale = check_real(
                 "pixel_scale_ratio", pixel_scale_ratio, low=0.0, low_inclusive=False
@@ -727,14 +735,19 @@ class Drizzle3D:
 
         # ---- everything is valid: the image's own arrays ----------------------
         sl = (slice(y0, y1 + 1), slice(x0, x1 + 1))
-        d = np.ascontiguousarray(data[sl], dtype=np.float64)
-        v = np.ascontiguousarray(var[sl], dtype=np.float64)
         if flags is None:
             f = np.zeros(box_shape, dtype=np.int64)
         else:
             f = np.ascontiguousarray(flags[sl]).astype(np.int64) & FLAG_BITS
-        w = self._weights(d, v, f, None if weight_map is None else weight_map[sl], exptime)
-        w *= wht_scale
+        d = np.empty(box_shape)
+        v = np.empty(box_shape)
+        w = np.empty(box_shape)
+        wm = _NO_MAP if weight_map is None else _as_float(weight_map[sl])
+        _kernels.pixel_weights(
+            _as_float(data[sl]), _as_float(var[sl]), f, int(self._exclude), wm,
+            weight_map is not None, _kernels.WEIGHTING_IDS[self._weighting],
+            float(self._ivar_max), float(exptime), float(wht_scale), d, v, w,
+        )  # fmt: skip
         return _Prepared(d, v, w, f, pixmap, wavemap, pscale, exptime, box_shape)
 
     def transpose(
@@ -826,23 +839,6 @@ class Drizzle3D:
         x0 = 0 if xmin is None else int(xmin)
         out[y0 : y0 + box.shape[0], x0 : x0 + box.shape[1]] = box
         return out
-
-    def _weights(self, d, v, f, weight_map, exptime):
-        with np.errstate(divide="ignore", invalid="ignore"):
-            good = np.isfinite(d) & np.isfinite(v) & (v >= 0)
-            if self._weighting == "ivm":
-                good &= v > 0
-                w = np.where(good, 1.0 / np.where(good, v, 1.0), 0.0)
-                np.minimum(w, self._ivar_max, out=w)
-            elif self._weighting == "exptime":
-                w = np.where(good, exptime, 0.0)
-            else:
-                w = good.astype(np.float64)
-        if self._exclude:
-            w[(f & self._exclude) != 0] = 0.0
-        if weight_map is not None:
-            w *= weight_map
-        return w
 
     # ----------------------------------------------------------------- merge
     def merge(self, other: Drizzle3D) -> Drizzle3D:
