@@ -476,13 +476,16 @@ def image_footprint(path: str | os.PathLike, grid: OutputGrid, *, margin: float 
             max(0, box.xmin - 1), min(nx - 1, box.xmax + 1),
             max(0, box.ymin - 1), min(ny - 1, box.ymax + 1),
         )  # fmt: skip
-    if box is not None:
-        # the LVF: a box sees only part of the detector's range; a box whose bands all
-        # miss the grid's wavelengths (e.g. one spectral slab of it) lands nowhere
-        lim = band_limits(path, (box.ymin, box.ymax + 1, box.xmin, box.xmax + 1))
-        if not _band_reaches(lim, edges):
-            box = None
+    # the LVF: a box sees only part of the detector's range; a box whose bands all miss
+    # the grid's wavelengths (e.g. one spectral slab of it) lands nowhere
+    if box is not None and not _band_reaches(_box_band_limits(path, box), edges):
+        box = None
     return ImageFootprint(path, det, shape, box, wcs)
+
+
+def _box_band_limits(path: str, box: BBox) -> tuple[float, float] | None:
+    """:func:`~drizzle3d.spherex.band_limits` of an (inclusive) input-pixel box."""
+    return band_limits(path, (box.ymin, box.ymax + 1, box.xmin, box.xmax + 1))
 
 
 def _band_reaches(lim: tuple[float, float] | None, edges) -> bool:
@@ -781,8 +784,7 @@ def _add_one(d: Drizzle3D, prep: PreparedImage, ctx_id: int, flags=None, slab=No
         # one spectral slab of a larger grid: count each missed pixel in one slab only
         # (see _kernels.drizzle_image); pixels outside the grid go to the image's first slab
         lam_min, lam_max, own_lo = slab
-        b = prep.bbox
-        lim = band_limits(prep.path, (b.ymin, b.ymax + 1, b.xmin, b.xmax + 1))
+        lim = _box_band_limits(prep.path, prep.bbox)
         first = own_lo == -math.inf or (lim is not None and lim[0] >= own_lo)
         d._band_range = (lam_min, lam_max, own_lo, first)
     nmiss, _ = d.add_image(
@@ -916,8 +918,7 @@ def file_hash(path: str | os.PathLike) -> str:
     False
     """
     path = os.fspath(path)
-    st = os.stat(path)
-    return _file_hash(path, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return _file_hash(path, spherex._file_version(os.stat(path)))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -2579,8 +2580,7 @@ def _drizzle_slabs(paths: list[str], grid: OutputGrid, n_slabs: int, kwargs: dic
         path = os.fspath(path)
         try:
             box = image_footprint(path, grid).bbox
-            lim = None if box is None else band_limits(path, (box.ymin, box.ymax + 1,
-                                                              box.xmin, box.xmax + 1))  # fmt: skip
+            lim = None if box is None else _box_band_limits(path, box)
         except Exception:  # each slab's run reports the file as a whole-grid run would
             continue
         footprints[path] = (None if box is None else tuple(box), lim)

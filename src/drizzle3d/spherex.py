@@ -1417,6 +1417,12 @@ _SCAN_CACHE_SIZE = 128
 _SCAN_LOCK = threading.Lock()
 
 
+def _file_version(st: os.stat_result) -> tuple:
+    """What tells one version of a file from another (device, inode, size, mtime): the
+    key of the per-file caches."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def _scan(fh) -> list[_RawHdu]:
     """The headers and data offsets of every HDU of an (uncompressed) open FITS file.
 
@@ -1424,7 +1430,7 @@ def _scan(fh) -> list[_RawHdu]:
     memoised in the cached :class:`_Cards`, which callers only read.
     """
     st = os.fstat(fh.fileno())
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    key = _file_version(st)
     with _SCAN_LOCK:
         hit = _SCAN_CACHE.get(key)
         if hit is not None:
@@ -2017,9 +2023,7 @@ def band_limits(path, bbox) -> tuple[float, float] | None:
     True
     """
     path = _check_file(path)
-    st = os.stat(path)
-    version = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    return _band_limits_cached(path, version, tuple(int(v) for v in bbox))
+    return _band_limits_cached(path, _file_version(os.stat(path)), tuple(int(v) for v in bbox))
 
 
 @functools.lru_cache(maxsize=4 * _SCAN_CACHE_SIZE)
@@ -2046,8 +2050,7 @@ def _zodi_fit_of_box(path, box, data, var, flags, zmod, flag_table) -> tuple[flo
     if cache is None:
         zscale, zerr, _ = fit_zodi_scale(data, var, flags, zmod, flag_table=flag_table)
         return zscale, zerr
-    st = os.stat(path)
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, tuple(int(v) for v in box))
+    key = (*_file_version(os.stat(path)), tuple(int(v) for v in box))
     if key not in cache:
         zscale, zerr, _ = fit_zodi_scale(data, var, flags, zmod, flag_table=flag_table)
         cache[key] = (zscale, zerr)
