@@ -70,7 +70,7 @@ from drizzle3d._kernels import N_FIELDS
 from drizzle3d.channels import detector_range
 from drizzle3d.grid import OutputGrid, SpatialGrid, SpectralGrid
 from drizzle3d.pixmap import BBox, calc_pixmap, footprint_bbox
-from drizzle3d.resample import Drizzle3D
+from drizzle3d.resample import Drizzle3D, _accumulator_shape_of
 from drizzle3d.spherex import (
     DEFAULT_EXCLUDE_FLAGS,
     SpherexFileError,
@@ -1251,12 +1251,6 @@ def _process_task(items, shipped, settings, n_inputs, acc_path, claim_dir, keep)
     return _claiming_task(items, shipped, settings, n_inputs, tick, acc_path, claim_dir, keep)
 
 
-def _accumulator_shape(grid: OutputGrid) -> tuple[int, ...]:
-    """The shape of the accumulators of a cube on ``grid`` (``Drizzle3D``'s layout)."""
-    nz, ny, nx = grid.shape
-    return (ny, nx, nz, N_FIELDS)
-
-
 # Accumulator files of workers on this machine, by back-end ("pool", or ("dask",
 # workers)): ``{key: (shape, [(path, array), ...])}``. Creating and mapping one costs
 # more than zeroing it (the file system allocates it page by page: ~45 ms for 82 MB,
@@ -1455,7 +1449,7 @@ def _process_round(chunks, grid, settings, n_inputs, n_workers, progress, own=Tr
     shipped = _ShippedGrid(grid)
     n_procs = max(1, n_workers - 1)
     n_pool = min(n_procs, len(items))
-    shape = _accumulator_shape(grid)
+    shape = _accumulator_shape_of(grid.shape)
     keep = _keep_acc_files(shape, n_pool)
     with _POOL_LOCK:  # one run at a time on the shared pool (and its progress queue)
         ex, ticks = _process_pool(n_procs)
@@ -1631,7 +1625,7 @@ def _dask_round_shared(chunks, grid, settings, n_inputs, client, progress, n_tas
     shipped = _ShippedGrid(grid)
     nthreads = client.nthreads()
     slots = _task_slots(nthreads, n_tasks, len(items))
-    shape = _accumulator_shape(grid)
+    shape = _accumulator_shape_of(grid.shape)
     keep = _keep_acc_files(shape, len(slots))
     key = ("dask", tuple(sorted(nthreads)))
 

@@ -109,6 +109,13 @@ SETTINGS = (
 _NO_MAP = np.zeros((1, 1))
 
 
+def _accumulator_shape_of(shape: tuple[int, int, int]) -> tuple[int, int, int, int]:
+    """The accumulator array's shape for a cube of ``shape`` ``(nz, ny, nx)``: one
+    block of ``N_FIELDS`` float64 per voxel, wavelength innermost."""
+    nz, ny, nx = shape
+    return (ny, nx, nz, _kernels.N_FIELDS)
+
+
 def _as_float(a):
     """``a`` as a C-contiguous native float32 or float64 array for the compiled
     preparation (no copy when it already is one; anything else becomes float64)."""
@@ -364,18 +371,16 @@ class Drizzle3D:
 
     # ------------------------------------------------------------------ state
     def _new_accumulators(self):
-        nz, ny, nx = self._shape
         # all zeros, so the pages are only committed where images land: the AND mask
         # is stored as its complement (0 = nothing landed yet)
-        return np.zeros((ny, nx, nz, _kernels.N_FIELDS), dtype=np.float64)
+        return np.zeros(self._accumulator_shape(), dtype=np.float64)
 
     @property
     def _macc(self):
         return self._acc.view(np.int64)
 
     def _accumulator_shape(self):
-        nz, ny, nx = self._shape
-        return (ny, nx, nz, _kernels.N_FIELDS)
+        return _accumulator_shape_of(self._shape)
 
     def _adopt_accumulators(self, acc):
         """Accumulate into ``acc`` from now on (e.g. a shared-memory buffer of a
@@ -461,7 +466,7 @@ class Drizzle3D:
             raise TypeError(
                 f"'state' must be a mapping from Drizzle3D.state; got {type(state).__name__}."
             )
-        nz, ny, nx = self._shape
+        _, ny, nx = self._shape
         needed = [*self._state_names(), "ctx"]
         missing = [k for k in needed if k not in state]
         if missing:
@@ -491,7 +496,7 @@ class Drizzle3D:
             raise ValueError(
                 f"'state['ctx']' must have shape (nplanes, {ny}, {nx}); got {ctx.shape}."
             )
-        acc = np.zeros((ny, nx, nz, _kernels.N_FIELDS), dtype=np.float64)
+        acc = self._new_accumulators()
         macc = acc.view(np.int64)
         for name, arr in arrays.items():
             if name not in ("and_mask", "or_mask"):
