@@ -1075,10 +1075,9 @@ def _run_threads(items, grid, settings, n_inputs, n_workers, progress):
 # they are shut down at exit. Workers on this machine (the pool, or a LocalCluster)
 # take inputs first come, first served from the whole list (:func:`_claimed`), so a
 # worker that drew cheap images does not idle while another finishes a fixed share.
-# Partial cubes come back through shared memory: a worker drizzles into its own
-# (huge-page) memory, then writes the accumulators to a file on a RAM-backed file
-# system (/dev/shm); this process maps it, unlinks it and adopts it, so no
-# accumulator is pickled or piped.
+# Each accumulates straight into a shared-memory file that this process keeps mapped
+# (:func:`_acc_files`), so no accumulator is copied, pickled or piped; with the pool,
+# this process drizzles a share of its own into which the others are merged.
 
 _WORKER_TICKS = None
 _POOL: dict[str, Any] = {}
@@ -1354,7 +1353,7 @@ def _remove_stale_files() -> None:
             continue
 
 
-def _claim_round(items: list, key, acc_files: list, submit: Callable):
+def _claim_round(items: list, key, acc_files: list, submit: Callable, keep: bool = True):
     """One first-come-first-served round over ``items`` by workers on this machine.
 
     ``submit(claim_dir, acc_paths)`` starts one task per accumulator file (and, if it
@@ -1363,8 +1362,17 @@ def _claim_round(items: list, key, acc_files: list, submit: Callable):
     partial in this process's own memory (the workers' files are merged into the first
     private partial, or a copy of the first file), and the items no finished task
     accounts for (lost with a dead worker). If the round does not end normally, or a
-    worker was lost, ``key``'s files are dropped (a task may still be writing to them).
+    worker was lost, ``key``'s files are dropped (a task may still be writing to them);
+    with ``keep`` False they are dropped after the round in any case.
     """
+    try:
+        return _claim_round_files(items, key, acc_files, submit)
+    finally:
+        if not keep:
+            _drop_acc_files(key)
+
+
+def _claim_round_files(items: list, key, acc_files: list, submit: Callable):
     claim_dir = _shared_name(_shared_dir()) + "-claims"
     os.mkdir(claim_dir, 0o700)
     mapped = dict(acc_files)
@@ -1484,11 +1492,7 @@ def _process_round(chunks, grid, settings, n_inputs, n_workers, progress, own=Tr
                     raise
             return futs
 
-        try:
-            ok, bad = _claim_round(items, "pool", _acc_files("pool", shape, n_pool), submit)
-        finally:
-            if not keep:
-                _drop_acc_files("pool")
+        ok, bad = _claim_round(items, "pool", _acc_files("pool", shape, n_pool), submit, keep)
         if bad:
             _shutdown_pool()  # a broken pool is not reused; the retry starts a new one
     return ok, bad
@@ -1552,32 +1556,29 @@ def _finish_parts(parts, failed, grid, settings, n_inputs):
 # -- dask.distributed -------------------------------------------------------
 
 
+def _dask_tick(topic):
+    """In a dask task: a progress callback that logs one event on ``topic`` (None: no
+    progress)."""
+    if topic is None:
+        return None
+    from distributed import get_worker
+
+    worker = get_worker()
+
+    def tick():
+        worker.log_event(topic, 1)
+
+    return tick
+
+
 def _dask_task(items, shipped, settings, n_inputs, topic):
-    grid = shipped.grid()
-    tick = None
-    if topic is not None:
-        from distributed import get_worker
-
-        worker = get_worker()
-
-        def tick():
-            worker.log_event(topic, 1)
-
-    return _drizzle_items(items, grid, settings, n_inputs, tick)
+    return _drizzle_items(items, shipped.grid(), settings, n_inputs, _dask_tick(topic))
 
 
 def _dask_task_shared(items, shipped, settings, n_inputs, topic, acc_path, claim_dir, keep):
     """:func:`_claiming_task` on a worker on the client's machine (accumulating into
     the shared-memory file ``acc_path``)."""
-    tick = None
-    if topic is not None:
-        from distributed import get_worker
-
-        worker = get_worker()
-
-        def tick():
-            worker.log_event(topic, 1)
-
+    tick = _dask_tick(topic)
     return _claiming_task(items, shipped, settings, n_inputs, tick, acc_path, claim_dir, keep)
 
 
@@ -1637,22 +1638,14 @@ def _dask_round_shared(chunks, grid, settings, n_inputs, client, progress, n_tas
                           claim_dir, keep, pure=False, workers=[w], allow_other_workers=True)
             for w, p in zip(slots, acc_paths, strict=True)
         ]  # fmt: skip
-        try:
-            _pump(progress, len(items), ticks, lambda: all(f.done() for f in futs))
-            wait(futs)
-        except BaseException:
-            _close_claims(claim_dir)
-            raise
+        _pump(progress, len(items), ticks, lambda: all(f.done() for f in futs))
+        wait(futs)
         return futs
 
     try:
         with _DASK_LOCK:  # one run at a time on the workers' accumulator files
-            try:
-                files = _acc_files(key, shape, len(slots))
-                return _claim_round(items, key, files, submit)
-            finally:
-                if not keep:
-                    _drop_acc_files(key)
+            files = _acc_files(key, shape, len(slots))
+            return _claim_round(items, key, files, submit, keep)
     finally:
         _unsubscribe(client, topic)
 
