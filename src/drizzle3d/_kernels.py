@@ -9,10 +9,13 @@ Conventions
 - Output pixel ``(jj, ii)`` covers ``[ii - 0.5, ii + 0.5] x [jj - 0.5, jj + 0.5]``
   in output pixel coordinates (STScI drizzle's convention).
 - All accumulators of one voxel sit together in one 56-byte block of a
-  ``(ny, nx, nz, 7)`` float64 array ``acc`` (fields ``F_*`` below); the two
+  ``(nz, ny, nx, 7)`` float64 array ``acc`` (fields ``F_*`` below); the two
   32-bit flag masks share one word of an int64 view of the same memory
-  (``macc``). One voxel update then touches one or two cache lines, and the few
-  wavelength bins an input pixel touches are neighbours in memory.
+  (``macc``). One voxel update then touches one or two cache lines, and the
+  neighbouring output pixels of one wavelength plane, which neighbouring input
+  pixels (nearly the same wavelength) update in turn, share cache lines: with
+  34 bins this is 17 % faster than the wavelength-innermost ``(ny, nx, nz, 7)``
+  layout, where every output pixel's bins fill their own 1.9 kB.
 - A contribution to voxel ``(k, jj, ii)`` has weight ``w * a * f`` where ``w`` is
   the input pixel weight, ``a`` the spatial weight (for ``square`` the exact
   overlap area of the pixfrac-shrunk pixel quadrilateral with the output pixel,
@@ -269,21 +272,24 @@ def _deposit(jj, ii, a, afrac, w, d, v, flag, spec, nspec, min_overlap, track_wa
     """
     hit = 0
     wa0 = w * a
+    # unsigned indices: numba then skips its negative-index wraparound (5 % of the kernel)
+    jj = np.uintp(jj)
+    ii = np.uintp(ii)
     for n in range(nspec):
-        k = int(spec[n, 0])
+        k = np.uintp(spec[n, 0])
         f = spec[n, 1]
         if min_overlap > 0.0 and afrac * f < min_overlap:
             continue
-        macc[jj, ii, k, F_MASK] |= flag  # packed by mask_word: 0 = untouched
+        macc[k, jj, ii, F_MASK] |= flag  # packed by mask_word: 0 = untouched
         wa = wa0 * f
         if wa != 0.0:
-            acc[jj, ii, k, F_WF] += wa * d
-            acc[jj, ii, k, F_W] += wa
-            acc[jj, ii, k, F_W2V] += wa * wa * v
-            acc[jj, ii, k, F_N] += 1.0
+            acc[k, jj, ii, F_WF] += wa * d
+            acc[k, jj, ii, F_W] += wa
+            acc[k, jj, ii, F_W2V] += wa * wa * v
+            acc[k, jj, ii, F_N] += 1.0
             if track_wave:
-                acc[jj, ii, k, F_WL] += wa * spec[n, 2]
-                acc[jj, ii, k, F_WL2] += wa * spec[n, 3]
+                acc[k, jj, ii, F_WL] += wa * spec[n, 2]
+                acc[k, jj, ii, F_WL2] += wa * spec[n, 3]
             if wa > 0.0:
                 hit = 1
     return hit
@@ -295,7 +301,7 @@ def _contribute(
     acc, macc, ctx, ctx_plane, ctx_bit, use_ctx, gather, cube,
 ):  # fmt: skip
     """Deposit one spatial contribution (and set the context bit), or, with
-    ``gather``, return ``sum_k w a f_k cube[jj, ii, k]`` instead (the transpose)."""
+    ``gather``, return ``sum_k w a f_k cube[k, jj, ii]`` instead (the transpose)."""
     if gather:
         wa0 = w * a
         total = 0.0
@@ -303,11 +309,11 @@ def _contribute(
             f = spec[n, 1]
             if min_overlap > 0.0 and afrac * f < min_overlap:
                 continue
-            total += wa0 * f * cube[jj, ii, int(spec[n, 0])]
+            total += wa0 * f * cube[int(spec[n, 0]), jj, ii]
         return total
     hit = _deposit(jj, ii, a, afrac, w, d, v, flag, spec, nspec, min_overlap, track_wave, acc, macc)
     if use_ctx and hit:
-        ctx[ctx_plane, jj, ii] |= ctx_bit
+        ctx[ctx_plane, np.uintp(jj), np.uintp(ii)] |= ctx_bit
     return 0.0
 
 
@@ -414,8 +420,8 @@ def drizzle_square(
     pixels share corners when ``pixfrac == 1``. See :func:`drizzle_image`.
     """
     ny, nx = data.shape
-    ony = cube.shape[0] if gather else acc.shape[0]
-    onx = cube.shape[1] if gather else acc.shape[1]
+    ony = cube.shape[1] if gather else acc.shape[1]
+    onx = cube.shape[2] if gather else acc.shape[2]
     nz = edges.size - 1
     e_lo = edges[0]
     e_hi = edges[nz]
@@ -529,8 +535,8 @@ def drizzle_centred(
     ``1 / pscale**2`` for point, bilinear and Lanczos (which ignore pixfrac).
     """
     ny, nx = data.shape
-    ony = cube.shape[0] if gather else acc.shape[0]
-    onx = cube.shape[1] if gather else acc.shape[1]
+    ony = cube.shape[1] if gather else acc.shape[1]
+    onx = cube.shape[2] if gather else acc.shape[2]
     nz = edges.size - 1
     e_lo = edges[0]
     e_hi = edges[nz]
@@ -665,16 +671,16 @@ def drizzle_image(
         centroid of its overlap with the bin).
     lut : float64 array
         Lanczos look-up table (ignored by other kernels).
-    acc : float64 (ny_out, nx_out, nz, N_FIELDS)
+    acc : float64 (nz, ny_out, nx_out, N_FIELDS)
         Accumulator blocks, updated in place.
-    macc : int64 (ny_out, nx_out, nz, N_FIELDS)
+    macc : int64 (nz, ny_out, nx_out, N_FIELDS)
         An int64 view of the same memory as ``acc`` (flag masks).
     ctx : int32 (nplanes, ny_out, nx_out)
     ctx_plane, ctx_bit, use_ctx : int, int32, bool
     gather : bool
         Instead of depositing, compute the transpose: ``gout[j, i] = sum over
-        voxels of w a f cube[jj, ii, k]`` (accumulators untouched).
-    cube : float64 (ny_out, nx_out, nz), with ``gather``
+        voxels of w a f cube[k, jj, ii]`` (accumulators untouched).
+    cube : float64 (nz, ny_out, nx_out), with ``gather``
     gout : float64 (ny, nx), with ``gather``; written in place.
 
     Returns

@@ -2511,7 +2511,7 @@ class _SlabbedCube:
                 if values is None:
                     item = self._cube.out_ctx
                 else:
-                    item = self._cube._cube(name, np.moveaxis(values, 0, 2), units, long_name)
+                    item = self._cube._cube(name, values, units, long_name)
             del values
             yield name, item
 

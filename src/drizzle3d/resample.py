@@ -111,9 +111,8 @@ _NO_MAP = np.zeros((1, 1))
 
 def _accumulator_shape_of(shape: tuple[int, int, int]) -> tuple[int, int, int, int]:
     """The accumulator array's shape for a cube of ``shape`` ``(nz, ny, nx)``: one
-    block of ``N_FIELDS`` float64 per voxel, wavelength innermost."""
-    nz, ny, nx = shape
-    return (ny, nx, nz, _kernels.N_FIELDS)
+    block of ``N_FIELDS`` float64 per voxel, in the cube's own order."""
+    return (*shape, _kernels.N_FIELDS)
 
 
 def _as_float(a):
@@ -399,7 +398,7 @@ class Drizzle3D:
         self._acc = acc
 
     def _field(self, name):
-        """One accumulator as (ny, nx, nz): a view, or for ``and_mask`` a new array
+        """One accumulator as (nz, ny, nx): a view, or for ``and_mask`` a new array
         (-1 where nothing landed)."""
         if name in ("and_mask", "or_mask"):
             masks = _kernels.unpack_masks(self._macc[..., _kernels.F_MASK])
@@ -450,7 +449,7 @@ class Drizzle3D:
         """
         st = {}
         for name in self._state_names():
-            arr = np.ascontiguousarray(np.moveaxis(self._field(name), 2, 0))
+            arr = np.ascontiguousarray(self._field(name))
             st[name] = arr.astype(np.int64) if name == "count" else arr
         st["ctx"] = self._ctx.copy()
         st["ctx_ids"] = np.array(self._ctx_ids, dtype=np.int64)
@@ -500,10 +499,8 @@ class Drizzle3D:
         macc = acc.view(np.int64)
         for name, arr in arrays.items():
             if name not in ("and_mask", "or_mask"):
-                acc[..., _FIELDS[name]] = np.moveaxis(arr, 0, 2)
-        macc[..., _kernels.F_MASK] = _kernels.pack_masks(
-            np.moveaxis(arrays["and_mask"], 0, 2), np.moveaxis(arrays["or_mask"], 0, 2)
-        )
+                acc[..., _FIELDS[name]] = arr
+        macc[..., _kernels.F_MASK] = _kernels.pack_masks(arrays["and_mask"], arrays["or_mask"])
         self._acc = acc
         self._ctx = (
             ctx.astype(np.int32, copy=True)
@@ -833,11 +830,11 @@ class Drizzle3D:
             var_arr, var_arr, flags, pixmap, wavemap, weight_map, wht_scale, exptime,
             xmin, xmax, ymin, ymax, pixel_scale_ratio,
         )  # fmt: skip
-        cube_yxz = np.ascontiguousarray(np.moveaxis(c, 0, 2), dtype=np.float64)
+        cube_zyx = np.ascontiguousarray(c, dtype=np.float64)
         box = np.zeros(p.data.shape, dtype=np.float64)
         no_ctx = np.zeros((1, 1, 1), dtype=np.int32)
         self._run_kernel(
-            p, _DUMMY_ACC, no_ctx, 0, np.int32(0), False, gather=True, cube=cube_yxz, gout=box
+            p, _DUMMY_ACC, no_ctx, 0, np.int32(0), False, gather=True, cube=cube_zyx, gout=box
         )
         out = np.zeros(var_arr.shape, dtype=np.float64)
         y0 = 0 if ymin is None else int(ymin)
@@ -1137,7 +1134,7 @@ class Drizzle3D:
         return attrs
 
     def _cube(self, name, values, units, long_name):
-        arr = np.ascontiguousarray(np.moveaxis(values, 2, 0))
+        arr = np.ascontiguousarray(values)
         attrs = {"units": units, "long_name": long_name, **self._attrs()}
         if self._plain_outputs:
             return _PlainArray(arr, attrs)
