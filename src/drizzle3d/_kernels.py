@@ -78,7 +78,17 @@ LANCZOS_LUT_STEP = 0.003
 # compiled without numba's reference-counting runtime (``_nrt=False``). With it,
 # passing arrays to the helper functions costs atomic increments and decrements
 # that numba does not prune around loops: 10x slower helper calls, measured.
-_OPTIONS = {"cache": True, "nogil": True, "error_model": "numpy", "_nrt": False}
+# The one fast-math flag is ``contract``: a * b + c may become one fused multiply-add
+# (rounded once instead of twice; the square kernel is 3 % faster). None of the flags
+# that assume no NaN or infinity, or reorder sums, is set: NaN checks and the order of
+# accumulation stay as written.
+_OPTIONS = {
+    "cache": True,
+    "nogil": True,
+    "error_model": "numpy",
+    "_nrt": False,
+    "fastmath": {"contract"},
+}
 
 
 def _jit(func):
