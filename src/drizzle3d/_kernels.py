@@ -278,13 +278,11 @@ def _spectral_overlaps(edges, lo, hi, band_centroid, spec):
 def _deposit(jj, ii, a, afrac, w, d, v, flag, spec, nspec, min_overlap, track_wave, acc, macc):
     """Add one spatial contribution (weight ``w * a``) to the bins listed in ``spec``.
 
-    Returns 1 if positive weight was added (for the context image), else 0.
+    ``jj`` and ``ii`` are unsigned (see :func:`_contribute`). Returns 1 if positive
+    weight was added (for the context image), else 0.
     """
     hit = 0
     wa0 = w * a
-    # unsigned indices: numba then skips its negative-index wraparound (5 % of the kernel)
-    jj = np.uintp(jj)
-    ii = np.uintp(ii)
     for n in range(nspec):
         k = np.uintp(spec[n, 0])
         f = spec[n, 1]
@@ -321,9 +319,12 @@ def _contribute(
                 continue
             total += wa0 * f * cube[int(spec[n, 0]), jj, ii]
         return total
+    # unsigned indices: numba then skips its negative-index wraparound (5 % of the kernel)
+    jj = np.uintp(jj)
+    ii = np.uintp(ii)
     hit = _deposit(jj, ii, a, afrac, w, d, v, flag, spec, nspec, min_overlap, track_wave, acc, macc)
     if use_ctx and hit:
-        ctx[ctx_plane, np.uintp(jj), np.uintp(ii)] |= ctx_bit
+        ctx[ctx_plane, jj, ii] |= ctx_bit
     return 0.0
 
 
