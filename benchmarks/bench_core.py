@@ -12,7 +12,9 @@ Same process, same 2040x2040 input and pixmap (6.15 arcsec pixels rotated 30 deg
   the end of a run; the merge is timed separately)
 
 Every output is built and warmed with one image before timing (JIT compiled, accumulator pages
-committed): the figures are the steady-state cost of one more add_image, as in a long run.
+committed): the figures are the steady-state cost of one more add_image, as in a long run. The
+single-thread cases are timed in interleaved rounds (each case once per round), so that drift in
+the machine's speed hits all of them alike; ratios are printed from the best times and per round.
 
 Run: ``python benchmarks/bench_core.py [--repeat N]``.
 """
@@ -53,6 +55,25 @@ def best_of(fn, repeat):
     return min(times)
 
 
+def interleaved(calls, repeat):
+    """Time every callable once per round for ``repeat`` rounds, the order rotated each
+    round; returns ``{name: [seconds per round]}``."""
+    names = list(calls)
+    times = {name: [] for name in names}
+    for r in range(repeat):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def spread(values):
+    """``median [min - max]`` of a list of ratios."""
+    v = np.asarray(values)
+    return f"{np.median(v):.2f}x [{v.min():.2f}-{v.max():.2f}]"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
@@ -84,30 +105,33 @@ def main():
 
     # Steady state: each output is built and warmed with one image first (JIT compiled, pages
     # of the accumulators committed), then add_image is timed into it, as a long run adds
-    # image after image. Allocating a cube is a one-off cost, reported separately.
-    t0 = time.perf_counter()
+    # image after image. Allocating a cube is a one-off cost, reported separately. The
+    # accumulators are lazy zeros, so the 34-bin cubes commit only the planes the image
+    # reaches and all cases can live at once.
     drz = Drizzle(kernel="square", out_shape=(n_out, n_out))
     drz.add_image(data, exptime=1.0, pixmap=pixmap, pixfrac=1.0)
     alloc = {}
-    timed = {}
-
-    def time_case(name, edges, track):
-        # build, warm with one image, time one more add_image, free: one big cube at a time
-        t0 = time.perf_counter()
-        cube = new_cube(edges, track)
-        add(cube)
-        alloc[name] = time.perf_counter() - t0
-        timed[name] = best_of(lambda: add(cube), args.repeat)
-
-    t_c = best_of(lambda: drz.add_image(data, exptime=1.0, pixmap=pixmap, pixfrac=1.0), args.repeat)
+    cubes = {}
     for name, edges, track in [
         ("1", edges1, True),
         ("1-nowave", edges1, False),
         ("34", edges34, True),
         ("34-nowave", edges34, False),
     ]:
-        time_case(name, edges, track)
+        t0 = time.perf_counter()
+        cubes[name] = new_cube(edges, track)
+        add(cubes[name])
+        alloc[name] = time.perf_counter() - t0
+    calls = {"C": lambda: drz.add_image(data, exptime=1.0, pixmap=pixmap, pixfrac=1.0)}
+    calls.update({name: (lambda c=cube: add(c)) for name, cube in cubes.items()})
+    # Interleaved rounds: every round times each case once (in an order rotated from round
+    # to round), so a machine that slows down for a while slows every case alike; the
+    # ratios are also given per round.
+    rounds = interleaved(calls, args.repeat)
+    timed = {name: min(ts) for name, ts in rounds.items()}
+    t_c = timed["C"]
     t_1, t_1_nowave, t_34, t_34_nowave = (timed[k] for k in ("1", "1-nowave", "34", "34-nowave"))
+    del cubes, calls
 
     half = n_in // 2
     parts = [new_cube(edges1), new_cube(edges1, begin_ctx_id=64)]
@@ -148,8 +172,24 @@ def main():
     for name, t in rows:
         print(f"{name:52s} {t:8.3f} {rate(t):8.2f}")
     print()
-    print(f"speed ratio drizzle3d(1 bin) / drizzle     : {t_c / t_1:.2f}x  (target >= 1)")
-    print(f"cost ratio 34 bins / 1 bin                 : {t_34 / t_1:.2f}x  (target <= 1.5)")
+    per_round = {
+        "C/1": [c / o for c, o in zip(rounds["C"], rounds["1"], strict=True)],
+        "C/1-nowave": [c / o for c, o in zip(rounds["C"], rounds["1-nowave"], strict=True)],
+        "34/1": [t / o for t, o in zip(rounds["34"], rounds["1"], strict=True)],
+    }
+    print(f"ratios of the best times; per round: median [min-max] over {args.repeat} rounds")
+    print(
+        f"speed ratio drizzle3d(1 bin) / drizzle     : {t_c / t_1:.2f}x  (target >= 1); "
+        f"per round {spread(per_round['C/1'])}"
+    )
+    print(
+        f"  the same without wavelength tracking     : {t_c / t_1_nowave:.2f}x; "
+        f"per round {spread(per_round['C/1-nowave'])}"
+    )
+    print(
+        f"cost ratio 34 bins / 1 bin                 : {t_34 / t_1:.2f}x  (target <= 1.5); "
+        f"per round {spread(per_round['34/1'])}"
+    )
     print(f"effective-wavelength tracking cost (34 bins): {100 * (t_34 / t_34_nowave - 1):+.1f}%")
     print(f"effective-wavelength tracking cost (1 bin)  : {100 * (t_1 / t_1_nowave - 1):+.1f}%")
     print(f"2-thread speed-up over 1 thread            : {t_1 / t_thr:.2f}x  (2 cores)")
