@@ -102,6 +102,100 @@ def test_single_bin_equals_stsci_drizzle(kernel, pixfrac, rng):
     np.testing.assert_allclose(ratio[big], drop_area, rtol=2e-5)
 
 
+def _drizzle_pair(kernel, data, pixmap, out_shape, scale=1.0):
+    """``(drizzle's Drizzle, Drizzle3D)`` after adding the same image (one wavelength bin)."""
+    shape = data.shape
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = drizzle_resample.Drizzle(kernel=kernel, out_shape=out_shape)
+        ref.add_image(data, exptime=1.0, pixmap=pixmap, pixel_scale_ratio=1.0 / scale)
+        d = Drizzle3D(
+            out_shape=(1, *out_shape), wave_edges=[1.0, 3.0], kernel=kernel, weighting="uniform"
+        )
+        d.add_image(
+            data, np.ones(shape), None, pixmap, lvf_wavemap(shape), pixel_scale_ratio=1.0 / scale
+        )
+    return ref, d
+
+
+def test_drops_across_the_output_edge_are_clipped_where_drizzle_skips_them():
+    """drizzle 3 skips input pixels whose centre maps outside its output (its polygon scanner):
+    an edge output pixel then lacks their weight. drizzle3d clips every drop exactly, so the
+    edge pixel gets the overlapping part; everywhere else the two agree."""
+    shape = (10, 10)
+    y, x = np.indices(shape, dtype=float)
+    data = (x + 1).astype(np.float32)
+    # column 0 of the input is centred at x = -0.7: it overlaps output column 0 by 0.3
+    ref, d = _drizzle_pair("square", data, np.dstack([x - 0.7, y + 2.0]), (14, 14))
+    rows = slice(2, 12)
+    # drizzle: the straddling drop is skipped, the edge pixel is input column 1 alone
+    np.testing.assert_allclose(ref.out_wht[rows, 0], 0.7, rtol=1e-6)
+    np.testing.assert_allclose(ref.out_img[rows, 0], 2.0, rtol=1e-6)
+    wht = d.out_wht.values[0]
+    np.testing.assert_allclose(wht[rows, 0], 1.0, rtol=1e-12)  # 0.3 + 0.7: exact overlap
+    np.testing.assert_allclose(d.out_sci.values[0][rows, 0], 0.3 * 1 + 0.7 * 2, rtol=1e-12)
+    # the weight that lands is the part of the image inside the output: x in [-0.5, 8.8]
+    assert wht.sum() == pytest.approx(10 * 9.3, rel=1e-12)
+    # away from the edge column: identical
+    np.testing.assert_allclose(d.out_sci.values[0][rows, 1:10], ref.out_img[rows, 1:10], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", ["square", "turbo", "point", "gaussian"])
+def test_image_partly_outside_agrees_with_drizzle_away_from_the_edge(kernel, rng):
+    """Rotated, scaled, shifted so that a corner of the image hangs off the output: equal to
+    drizzle to float32 precision on every output pixel that no straddling drop reaches."""
+    shape = (50, 60)
+    scale = 1.3
+    data = rng.normal(10.0, 2.0, shape).astype(np.float32)
+    pixmap = affine_pixmap(shape, angle=30.0, scale=scale, shift=(30.0, -12.0))
+    out_shape = (90, 80)
+    ref, d = _drizzle_pair(kernel, data, pixmap, out_shape, scale)
+    # output pixels within reach (drop radius + kernel support) of an input pixel centred
+    # outside the output or less than that reach inside it
+    reach = 3.0 * scale
+    xo, yo = pixmap[..., 0], pixmap[..., 1]
+    ny, nx = out_shape
+    near = (xo < reach - 0.5) | (yo < reach - 0.5) | (xo > nx - 0.5 - reach)
+    near |= yo > ny - 0.5 - reach
+    edge = np.zeros(out_shape, dtype=bool)
+    r = int(np.ceil(reach))
+    centres = np.rint(np.stack([yo[near], xo[near]], axis=-1)).astype(int)
+    for jj, ii in centres:
+        edge[max(jj - r, 0) : max(jj + r + 1, 0), max(ii - r, 0) : max(ii + r + 1, 0)] = True
+    compare = (ref.out_wht > 0) & ~edge
+    assert compare.sum() > 1500  # most of the covered output
+    assert (ref.out_wht > 0)[edge].sum() > 100  # and the image really crosses the edge
+    np.testing.assert_allclose(
+        d.out_sci.values[0][compare], ref.out_img[compare], rtol=1e-5, atol=2e-4
+    )
+
+
+def test_distorted_map_weights_by_area_where_drizzle_normalises_each_drop(rng):
+    """With a non-affine map the drops differ in area: drizzle normalises each to weight w
+    (weight w * overlap / drop area), drizzle3d weights by the overlap itself (w * overlap), so
+    the means differ slightly; with each drop's weight divided by its area they agree."""
+    shape = (30, 30)
+    y, x = np.indices(shape, dtype=float)
+    pixmap = np.dstack([20 + 1.2 * x + 0.004 * x * y, 20 + 1.2 * y + 0.003 * x**2])
+    data = rng.normal(10.0, 2.0, shape).astype(np.float32)
+    ref, d = _drizzle_pair("square", data, pixmap, (80, 80))
+    covered = ref.out_wht > 0
+    diff = np.abs(d.out_sci.values[0][covered] - ref.out_img[covered])
+    assert diff.max() > 1e-4  # a real, small difference of definition
+    # the drop areas, from the corner quads of the pixmap (as in the conservation test)
+    gx = np.pad(pixmap[..., 0], 1, mode="reflect", reflect_type="odd")
+    gy = np.pad(pixmap[..., 1], 1, mode="reflect", reflect_type="odd")
+    cx = 0.25 * (gx[:-1, :-1] + gx[1:, :-1] + gx[:-1, 1:] + gx[1:, 1:])
+    cy = 0.25 * (gy[:-1, :-1] + gy[1:, :-1] + gy[:-1, 1:] + gy[1:, 1:])
+    area = 0.5 * np.abs(
+        (cx[:-1, :-1] - cx[1:, 1:]) * (cy[:-1, 1:] - cy[1:, :-1])
+        - (cx[:-1, 1:] - cx[1:, :-1]) * (cy[:-1, :-1] - cy[1:, 1:])
+    )
+    d2 = Drizzle3D(out_shape=(1, 80, 80), wave_edges=[1.0, 3.0], weighting="uniform")
+    d2.add_image(data, np.ones(shape), None, pixmap, lvf_wavemap(shape), weight_map=1.0 / area)
+    np.testing.assert_allclose(d2.out_sci.values[0][covered], ref.out_img[covered], rtol=1e-5)
+
+
 # --------------------------------------------------------- 2. conservation (square)
 @pytest.mark.parametrize("pixfrac", [1.0, 0.5, 0.8])
 @pytest.mark.parametrize("angle", [0.0, 17.0, 30.0, 90.0])

@@ -229,7 +229,10 @@ class Drizzle3D:
     band, ``out_sci`` equals ``drizzle.resample.Drizzle`` output. ``out_wht``
     equals drizzle's ``out_wht`` times the drop area in output pixels (drizzle
     normalises each drop to total weight ``w``; drizzle3d weights by area, as
-    the JWST cube builder does).
+    the JWST cube builder does), so with a distorted map, whose drops differ in
+    area, the means differ slightly. At the output's edge drizzle skips input
+    pixels whose centre maps outside; drizzle3d clips them, and the edge pixels
+    get the part that overlaps them.
 
     References
     ----------
