@@ -21,6 +21,17 @@ def affine_pixmap(shape, angle=30.0, scale=1.3, shift=(60.3, 10.7)):
     return np.dstack([xo, yo])
 
 
+def pixel_corners(pixmap):
+    """``(cx, cy)``, shape (ny + 1, nx + 1): output positions of the input pixel corners
+    (pixfrac 1) as the square kernel places them: the bilinear mean of the 4 surrounding
+    centres, extrapolated at the border."""
+    gx = np.pad(pixmap[..., 0], 1, mode="reflect", reflect_type="odd")
+    gy = np.pad(pixmap[..., 1], 1, mode="reflect", reflect_type="odd")
+    cx = 0.25 * (gx[:-1, :-1] + gx[1:, :-1] + gx[:-1, 1:] + gx[1:, 1:])
+    cy = 0.25 * (gy[:-1, :-1] + gy[1:, :-1] + gy[:-1, 1:] + gy[1:, 1:])
+    return cx, cy
+
+
 def const_wavemap(shape, lam=2.0, bw=0.05):
     return np.dstack([np.full(shape, lam), np.full(shape, bw)])
 
@@ -182,11 +193,8 @@ def test_distorted_map_weights_by_area_where_drizzle_normalises_each_drop(rng):
     covered = ref.out_wht > 0
     diff = np.abs(d.out_sci.values[0][covered] - ref.out_img[covered])
     assert diff.max() > 1e-4  # a real, small difference of definition
-    # the drop areas, from the corner quads of the pixmap (as in the conservation test)
-    gx = np.pad(pixmap[..., 0], 1, mode="reflect", reflect_type="odd")
-    gy = np.pad(pixmap[..., 1], 1, mode="reflect", reflect_type="odd")
-    cx = 0.25 * (gx[:-1, :-1] + gx[1:, :-1] + gx[:-1, 1:] + gx[1:, 1:])
-    cy = 0.25 * (gy[:-1, :-1] + gy[1:, :-1] + gy[:-1, 1:] + gy[1:, 1:])
+    # the drop areas, from the corner quads of the pixmap
+    cx, cy = pixel_corners(pixmap)
     area = 0.5 * np.abs(
         (cx[:-1, :-1] - cx[1:, 1:]) * (cy[:-1, 1:] - cy[1:, :-1])
         - (cx[:-1, 1:] - cx[1:, :-1]) * (cy[:-1, :-1] - cy[1:, 1:])
@@ -229,12 +237,8 @@ def test_weight_conservation_distorted_map(rng):
     pixmap = np.dstack([xo, yo])
     d = Drizzle3D(out_shape=(1, 90, 90), wave_edges=[1.0, 3.0], weighting="uniform")
     d.add_image(np.ones(shape), np.ones(shape), None, pixmap, lvf_wavemap(shape))
-    # corners at half-integer input positions = bilinear mean of the 4 surrounding centres,
-    # extrapolated at the border; the quads tile the image's outline exactly
-    gx = np.pad(xo, 1, mode="reflect", reflect_type="odd")
-    gy = np.pad(yo, 1, mode="reflect", reflect_type="odd")
-    cx = 0.25 * (gx[:-1, :-1] + gx[1:, :-1] + gx[:-1, 1:] + gx[1:, 1:])
-    cy = 0.25 * (gy[:-1, :-1] + gy[1:, :-1] + gy[:-1, 1:] + gy[1:, 1:])
+    # the quads of the corner grid tile the image's outline exactly
+    cx, cy = pixel_corners(pixmap)
     # area of the outline polygon (shoelace over the border of the corner grid)
     px = np.concatenate([cx[0, :], cx[1:, -1], cx[-1, -2::-1], cx[-2:0:-1, 0]])
     py = np.concatenate([cy[0, :], cy[1:, -1], cy[-1, -2::-1], cy[-2:0:-1, 0]])
