@@ -786,6 +786,65 @@ def test_large_drops_conserve_weight(rng):
     np.testing.assert_allclose(d.out_sci.values[has], 2.5, rtol=1e-12)
 
 
+@pytest.mark.parametrize("pixfrac", [1.0, 0.7])
+def test_every_voxel_weight_is_the_exact_overlap_whatever_the_drop_size(pixfrac):
+    """Drops from 0.3 to ~20 output pixels wide along each row, so one tile row mixes drops
+    whose areas come from the vectorised box pass with drops too large for it (per-pixel
+    path): every voxel's weight equals the sum of its exact overlaps, computed here drop by
+    drop with the kernels' cell-by-cell Green integral."""
+    from drizzle3d import _kernels
+
+    shape = (9, 70)
+    y, x = np.indices(shape, dtype=float)
+    xo = 5.2 + 0.3 * x + 0.15 * x**2 - 0.4 * y  # growing and sheared along the row
+    yo = 5.7 + y * (0.5 + 0.05 * x) + 0.1 * x
+    pixmap = np.dstack([xo, yo])
+    weights = np.random.default_rng(8).uniform(0.5, 2.0, shape)
+    out_shape = (1, int(yo.max()) + 12, int(xo.max()) + 12)
+    d = Drizzle3D(out_shape=out_shape, wave_edges=[1.0, 3.0], weighting="uniform", pixfrac=pixfrac)
+    nmiss, _ = d.add_image(
+        np.ones(shape), np.ones(shape), None, pixmap, const_wavemap(shape), weight_map=weights
+    )
+    assert nmiss == 0
+    # the kernel's drop: corners where the pixmap, interpolated bilinearly between pixel
+    # centres (extrapolated at the border), puts (i +- pixfrac/2, j +- pixfrac/2)
+    expected = np.zeros(out_shape[1:])
+    sizes = []
+    h = 0.5 * pixfrac
+    for j in range(shape[0]):
+        for i in range(shape[1]):
+            corners = [(i - h, j - h), (i + h, j - h), (i + h, j + h), (i - h, j + h)]
+            qx, qy = np.array([_interp_pixmap(pixmap, px, py) for px, py in corners]).T
+            i0, i1 = int(np.floor(qx.min() + 0.5)), int(np.floor(qx.max() + 0.5))
+            j0, j1 = int(np.floor(qy.min() + 0.5)), int(np.floor(qy.max() + 0.5))
+            sizes.append(max(i1 - i0, j1 - j0) + 1)
+            for jj in range(j0, j1 + 1):
+                for ii in range(i0, i1 + 1):
+                    expected[jj, ii] += weights[j, i] * _kernels.quad_pixel_overlap(qx, qy, ii, jj)
+    # both paths are used: drops within the box pass, and larger ones
+    assert min(sizes) <= 2
+    assert max(sizes) > _kernels._BOX_MAX
+    np.testing.assert_allclose(d.out_wht.values[0], expected, rtol=1e-10, atol=1e-12)
+    has = d.out_wht.values > 0
+    np.testing.assert_allclose(d.out_sci.values[has], 1.0, rtol=1e-12)
+
+
+def _interp_pixmap(pixmap, px, py):
+    """Output (x, y) of input position (px, py): bilinear between the 4 nearest pixel
+    centres, extrapolated from the border cell outside the image."""
+    ny, nx = pixmap.shape[:2]
+    c = min(max(int(np.floor(px)), 0), nx - 2)
+    r = min(max(int(np.floor(py)), 0), ny - 2)
+    tx, ty = px - c, py - r
+    g = pixmap[r : r + 2, c : c + 2]
+    return (
+        g[0, 0] * (1 - tx) * (1 - ty)
+        + g[0, 1] * tx * (1 - ty)
+        + g[1, 0] * (1 - tx) * ty
+        + g[1, 1] * tx * ty
+    )
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("weighting", ["ivm", "exptime", "uniform"])
 def test_pixel_weights_follow_their_definition_bit_for_bit(dtype, weighting):

@@ -27,6 +27,10 @@ import math
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 KERNEL_IDS = {
     "square": 0,
@@ -422,18 +426,167 @@ def _band(wavemap, j, i, wave_pixfrac, lam_min, lam_max, e_lo, e_hi, own_lo, cou
     return lo, hi, 1 if lo >= own_lo else 0
 
 
+@intrinsic
+def _prefetch_write(typingctx, arr, idx):
+    """Hint the CPU to fetch the cache line of ``arr[idx]`` (1-D, C-contiguous) for
+    writing (LLVM's ``prefetch`` intrinsic: no fault, no effect on results)."""
+    sig = types.void(arr, idx)
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer2(
+            context, builder, ary.data, cgutils.unpack_tuple(builder, ary.shape),
+            cgutils.unpack_tuple(builder, ary.strides), aryty.layout, [args[1]],
+            wraparound=False, boundscheck=False,
+        )  # fmt: skip
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        # the typed-pointer name; LLVM with opaque pointers re-mangles it to ".p0"
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+        # write access, keep in all cache levels, data cache
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(1), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@_jit
+def _box_areas(cx, cy, n, k, area, tmp):
+    """Exact overlap areas of ``n`` quadrilaterals with the cells of a ``k`` x ``k`` box each.
+
+    ``cx[e, p], cy[e, p]`` is corner ``e`` of quadrilateral ``p`` in its box's frame,
+    where box cell ``(r, c)`` is ``[c, c + 1] x [r, r + 1]``; ``area[r * k + c, p]``
+    receives the signed overlap (take ``abs``). Green's theorem, as in
+    :func:`_quad_areas`, but with no branch: every edge is clipped to every column of
+    the box and integrated over every row, so each loop runs over the ``n``
+    quadrilaterals at once and compiles to vector instructions (the ``if`` expressions
+    become selects). The integral of ``clamp(y - r, 0, 1)`` over a piece whose ``y``
+    runs over ``[lo, hi]`` is ``width * mean``; the mean is
+    ``((p1 - p0) (p1 + p0) / 2 + max(hi - max(lo, 1), 0)) / (hi - lo)`` with ``p0, p1``
+    the clamped ends (exact: the parts below, inside and above the row), or the clamped
+    value itself for a flat piece. Near a row boundary ``y - r`` is computed exactly
+    (Sterbenz), so a nearly flat piece still gets its exact share.
+    """
+    for q in range(k * k):
+        for p in range(n):
+            area[q, p] = 0.0
+    for e in range(4):
+        f = (e + 1) & 3
+        for c in range(k):
+            left = np.float64(c)
+            for p in range(n):
+                x1 = cx[e, p]
+                y1 = cy[e, p]
+                x2 = cx[f, p]
+                y2 = cy[f, p]
+                swap = x1 > x2
+                xl = x2 if swap else x1
+                xr = x1 if swap else x2
+                yl = y2 if swap else y1
+                yr = y1 if swap else y2
+                dx = xr - xl
+                steep = dx > 1e-200  # else the piece has no width: any finite slope
+                m = (yr - yl) / (dx if steep else 1.0)
+                m = m if steep else 0.0
+                xa = max(xl, left)
+                xb = min(xr, left + 1.0)
+                wdt = max(xb - xa, 0.0)
+                wdt = -wdt if swap else wdt  # right-to-left edges subtract
+                ya = yl + m * (xa - xl)
+                yb = yl + m * (xb - xl)
+                lo = min(ya, yb)
+                hi = max(ya, yb)
+                dy = hi - lo
+                sloped = dy > 0.0
+                tmp[0, p] = lo
+                tmp[1, p] = hi
+                tmp[2, p] = wdt / (dy if sloped else 1.0)  # (part is 0 when flat)
+                tmp[3, p] = 0.0 if sloped else wdt
+            for r in range(k):
+                q = r * k + c
+                bottom = np.float64(r)
+                for p in range(n):
+                    u = tmp[0, p] - bottom
+                    v = tmp[1, p] - bottom
+                    p0 = min(max(u, 0.0), 1.0)
+                    p1 = min(max(v, 0.0), 1.0)
+                    part = 0.5 * (p1 - p0) * (p1 + p0) + max(v - max(u, 1.0), 0.0)
+                    area[q, p] += tmp[2, p] * part + tmp[3, p] * p0
+
+
+@_jit_inline
+def _deposit_block(b, a, afrac, w, d, v, flag, spec, koff, nspec, min_overlap, track_wave,
+                   acc1, macc1):  # fmt: skip
+    """:func:`_deposit` on the flat accumulators: ``b`` is the offset of the voxel's
+    block in its first plane, ``koff[n]`` that of bin ``spec[n, 0]``'s plane.
+    Offsets added, not three index products per voxel: 7 % faster with 34 bins."""
+    hit = 0
+    wa0 = w * a
+    for n in range(nspec):
+        f = spec[n, 1]
+        if min_overlap > 0.0 and afrac * f < min_overlap:
+            continue
+        o = np.uintp(koff[n] + b)
+        macc1[o + np.uintp(F_MASK)] |= flag  # packed by mask_word: 0 = untouched
+        wa = wa0 * f
+        if wa != 0.0:
+            acc1[o + np.uintp(F_WF)] += wa * d
+            acc1[o + np.uintp(F_W)] += wa
+            acc1[o + np.uintp(F_W2V)] += wa * wa * v
+            acc1[o + np.uintp(F_N)] += 1.0
+            if track_wave:
+                acc1[o + np.uintp(F_WL)] += wa * spec[n, 2]
+                acc1[o + np.uintp(F_WL2)] += wa * spec[n, 3]
+            if wa > 0.0:
+                hit = 1
+    return hit
+
+
+@_jit_inline
+def _prefetch_box(acc1, edges, lo, hi, k, plane, onx, i0, j0, ncol, nrow):
+    """Prefetch the accumulator blocks a drop's box will update, in every bin its band
+    ``[lo, hi]`` overlaps (from bin ``k``, a hint). Returns the band's first bin."""
+    k = _bin_from(edges, lo, k)
+    first = k
+    nz = edges.size - 1
+    last = ncol * N_FIELDS - 1
+    while k < nz and edges[k] < hi:
+        for r in range(nrow):
+            # the first and last line of the row's blocks (the CPU fetches the line next to
+            # a missed one with it): every line of the span costs 8 % more with 34 bins,
+            # only the last line 20 %
+            base = k * plane + ((j0 + r) * onx + i0) * N_FIELDS
+            _prefetch_write(acc1, np.uintp(base))
+            _prefetch_write(acc1, np.uintp(base + last))
+        k += 1
+    return first
+
+
 @_jit
 def drizzle_square(
     data, var, weight, flags, pixmap, wavemap, edges, lam_min, lam_max, own_lo, count_outside,
     pixfrac, wave_pixfrac, min_overlap,
-    track_wave, band_centroid, acc, macc, ctx, ctx_plane, ctx_bit, use_ctx, scratch, gather,
-    cube, gout, xq, yq, spec, row_hit,
+    track_wave, band_centroid, acc, macc, ctx, ctx_plane, ctx_bit, use_ctx, gather,
+    cube, gout, spec, row_hit, work,
 ):  # fmt: skip
     """Square kernel: exact overlap of the shrunk pixel quadrilateral with output pixels.
 
     Corners of the pixfrac-shrunk input pixel are placed by bilinear
     interpolation (extrapolation at the box edges) of the pixmap, so adjacent
     pixels share corners when ``pixfrac == 1``. See :func:`drizzle_image`.
+
+    The input is visited in tiles of ``_SQUARE_TILE`` pixels; each tile row (a
+    *segment*) goes through three passes:
+
+    1. every pixel's band, corners and output box; the accumulator blocks its box
+       will update are prefetched (the segment's deposits come a few microseconds
+       later, by which time they are in cache);
+    2. the overlap areas of all drops whose box fits in ``_BOX_MAX`` x
+       ``_BOX_MAX`` cells, at once, by the branch-free :func:`_box_areas`;
+    3. the deposits. A larger drop takes the per-pixel path (:func:`_quad_areas`,
+       or :func:`quad_pixel_overlap` cell by cell beyond the scratch box).
     """
     ny, nx = data.shape
     ony = cube.shape[1] if gather else acc.shape[1]
@@ -446,13 +599,19 @@ def drizzle_square(
     wa_c = (1.0 - dh) * (1.0 - dh)
     wb_c = dh * (1.0 - dh)
     wc_c = dh * dh
+    scratch, xq, yq, cx, cy, sarea, stmp, sval, sidx, koff, acc1, macc1 = work
     smax = scratch.shape[0]
+    plane = ony * onx * N_FIELDS  # offset between wavelength planes in acc1
+    khint = 0
     nmiss = 0
     row_hit[:] = False
-    for tj in range(0, ny, _TILE):
-        for ti in range(0, nx, _TILE):
-            for j in range(tj, min(tj + _TILE, ny)):
-                for i in range(ti, min(ti + _TILE, nx)):
+    for tj in range(0, ny, _SQUARE_TILE):
+        for ti in range(0, nx, _SQUARE_TILE):
+            for j in range(tj, min(tj + _SQUARE_TILE, ny)):
+                # ---- pass 1: bands, corners and boxes of the segment's pixels ----
+                nv = 0
+                kbox = 1
+                for i in range(ti, min(ti + _SQUARE_TILE, nx)):
                     lo, hi, own = _band(wavemap, j, i, wave_pixfrac, lam_min, lam_max, e_lo,
                                         e_hi, own_lo, count_outside)  # fmt: skip
                     if not math.isfinite(lo):
@@ -503,43 +662,100 @@ def drizzle_square(
                     if jaco <= 0.0 or i1 < i0 or j1 < j0:
                         nmiss += own
                         continue
+                    ncol = i1 - i0 + 1
+                    nrow = j1 - j0 + 1
+                    boxed = ncol <= _BOX_MAX and nrow <= _BOX_MAX
+                    # corners in the box's frame (cell (r, c) = [c, c+1] x [r, r+1]) for
+                    # pass 2, else in output coordinates for the per-pixel path
+                    ox = i0 - 0.5 if boxed else 0.0
+                    oy = j0 - 0.5 if boxed else 0.0
+                    cx[0, nv] = x0 - ox
+                    cx[1, nv] = x1 - ox
+                    cx[2, nv] = x2 - ox
+                    cx[3, nv] = x3 - ox
+                    cy[0, nv] = y0 - oy
+                    cy[1, nv] = y1 - oy
+                    cy[2, nv] = y2 - oy
+                    cy[3, nv] = y3 - oy
+                    if boxed:
+                        kbox = max(kbox, max(ncol, nrow))
+                        if not gather:
+                            khint = _prefetch_box(acc1, edges, lo, hi, khint, plane, onx, i0,
+                                                  j0, ncol, nrow)  # fmt: skip
+                    sidx[nv, 0] = i
+                    sidx[nv, 1] = i0
+                    sidx[nv, 2] = j0
+                    sidx[nv, 3] = ncol
+                    sidx[nv, 4] = nrow
+                    sidx[nv, 5] = boxed
+                    sidx[nv, 6] = own
+                    sval[nv, 0] = jaco
+                    sval[nv, 1] = lo
+                    sval[nv, 2] = hi
+                    nv += 1
+                if nv == 0:
+                    continue
+                # ---- pass 2: overlap areas of all boxed drops at once ----
+                _box_areas(cx, cy, nv, kbox, sarea, stmp)
+                # ---- pass 3: deposits ----
+                for p in range(nv):
+                    i = sidx[p, 0]
+                    i0 = sidx[p, 1]
+                    j0 = sidx[p, 2]
+                    ncol = sidx[p, 3]
+                    nrow = sidx[p, 4]
+                    own = sidx[p, 6]
+                    jaco = sval[p, 0]
                     inv_jaco = 1.0 / jaco
-                    nspec = _spectral_overlaps(edges, lo, hi, band_centroid, spec)
+                    nspec = _spectral_overlaps(edges, sval[p, 1], sval[p, 2], band_centroid, spec)
                     w = weight[j, i]
                     d = data[j, i]
                     v = var[j, i]
                     flag = mask_word(flags[j, i])
-                    ncol = i1 - i0 + 1
-                    nrow = j1 - j0 + 1
                     landed = False
                     gsum = 0.0
-                    small = ncol <= smax and nrow <= smax
-                    if small:
-                        _quad_areas(x0, y0, x1, y1, x2, y2, x3, y3, i0, j0, ncol, nrow, scratch)
-                    else:  # the cell-by-cell path takes the corners as arrays
-                        xq[0] = x0
-                        xq[1] = x1
-                        xq[2] = x2
-                        xq[3] = x3
-                        yq[0] = y0
-                        yq[1] = y1
-                        yq[2] = y2
-                        yq[3] = y3
-                    for r in range(nrow):
-                        for c in range(ncol):
-                            if small:
-                                a = abs(scratch[r, c])
-                                scratch[r, c] = 0.0
-                            else:  # a drop larger than the scratch box: cell by cell
-                                a = quad_pixel_overlap(xq, yq, i0 + c, j0 + r)
-                            if a <= _SLIVER * jaco:
-                                continue
-                            landed = True
-                            gsum += _contribute(
-                                j0 + r, i0 + c, a, a * inv_jaco, w, d, v, flag, spec, nspec,
-                                min_overlap, track_wave, acc, macc, ctx, ctx_plane, ctx_bit,
-                                use_ctx, gather, cube,
-                            )  # fmt: skip
+                    if sidx[p, 5] and not gather:
+                        for n in range(nspec):
+                            koff[n] = np.int64(spec[n, 0]) * plane
+                        for r in range(nrow):
+                            row = ((j0 + r) * onx + i0) * N_FIELDS
+                            for c in range(ncol):
+                                a = abs(sarea[np.uintp(r * kbox + c), np.uintp(p)])
+                                if a <= _SLIVER * jaco:
+                                    continue
+                                landed = True
+                                hit = _deposit_block(
+                                    row + c * N_FIELDS, a, a * inv_jaco, w, d, v, flag, spec,
+                                    koff, nspec, min_overlap, track_wave, acc1, macc1,
+                                )  # fmt: skip
+                                if use_ctx and hit:
+                                    ctx[ctx_plane, np.uintp(j0 + r), np.uintp(i0 + c)] |= ctx_bit
+                    else:
+                        if not sidx[p, 5]:  # a drop larger than the box of pass 2
+                            if ncol <= smax and nrow <= smax:
+                                _quad_areas(cx[0, p], cy[0, p], cx[1, p], cy[1, p], cx[2, p],
+                                            cy[2, p], cx[3, p], cy[3, p], i0, j0, ncol, nrow,
+                                            scratch)  # fmt: skip
+                            for e in range(4):
+                                xq[e] = cx[e, p]
+                                yq[e] = cy[e, p]
+                        for r in range(nrow):
+                            for c in range(ncol):
+                                if sidx[p, 5]:
+                                    a = abs(sarea[np.uintp(r * kbox + c), np.uintp(p)])
+                                elif ncol <= smax and nrow <= smax:
+                                    a = abs(scratch[r, c])
+                                    scratch[r, c] = 0.0
+                                else:  # beyond the scratch box: cell by cell
+                                    a = quad_pixel_overlap(xq, yq, i0 + c, j0 + r)
+                                if a <= _SLIVER * jaco:
+                                    continue
+                                landed = True
+                                gsum += _contribute(
+                                    j0 + r, i0 + c, a, a * inv_jaco, w, d, v, flag, spec, nspec,
+                                    min_overlap, track_wave, acc, macc, ctx, ctx_plane, ctx_bit,
+                                    use_ctx, gather, cube,
+                                )  # fmt: skip
                     if gather:
                         gout[j, i] = gsum
                     if landed:
@@ -724,12 +940,27 @@ def drizzle_image(
     spec = np.zeros((edges.size - 1, 4))
     row_hit = np.zeros(data.shape[0], dtype=np.bool_)
     if kernel_id == 0:
+        if not (acc.flags.c_contiguous and macc.flags.c_contiguous):
+            raise ValueError("'acc' and 'macc' must be C-contiguous (they are used flat).")
+        seg = _SQUARE_TILE
+        work = (
+            np.zeros((_SCRATCH, _SCRATCH)),  # scratch: per-pixel areas of larger drops
+            np.empty(4),  # xq, yq: corners of a drop beyond the scratch box
+            np.empty(4),
+            np.empty((4, seg)),  # cx, cy: the segment's corners
+            np.empty((4, seg)),
+            np.empty((_BOX_MAX * _BOX_MAX, seg)),  # sarea: their areas, cell by cell
+            np.empty((4, seg)),  # stmp: work space of _box_areas
+            np.empty((seg, 3)),  # sval: jacobian, band
+            np.empty((seg, 7), dtype=np.int64),  # sidx: pixel, box, miss count
+            np.empty(edges.size, dtype=np.int64),  # koff: plane offsets of the bins
+            acc.reshape(-1),  # acc1, macc1: flat views of the accumulators
+            macc.reshape(-1),
+        )
         return drizzle_square(
             data, var, weight, flags, pixmap, wavemap, edges, lam_min, lam_max, own_lo,
             count_outside, pixfrac, wave_pixfrac, min_overlap, track_wave, band_centroid, acc,
-            macc, ctx, ctx_plane, ctx_bit, use_ctx,
-            np.zeros((_SCRATCH, _SCRATCH)), gather, cube, gout, np.empty(4), np.empty(4),
-            spec, row_hit,
+            macc, ctx, ctx_plane, ctx_bit, use_ctx, gather, cube, gout, spec, row_hit, work,
         )  # fmt: skip
     return drizzle_centred(
         kernel_id, data, var, weight, flags, pixmap, wavemap, edges, lam_min, lam_max, own_lo,
@@ -818,3 +1049,14 @@ _SLIVER = 1e-9
 
 # side of the scratch box for per-pixel overlap areas (larger drops go cell by cell)
 _SCRATCH = 16
+
+# the square kernel visits the input in tiles of this side: longer rows make longer vector
+# loops in _box_areas, and a tile's output (1-bin: ~230 kB) still fits in the L2 cache
+_SQUARE_TILE = 64
+
+# drops whose output box fits in this many cells a side get their areas from _box_areas,
+# which computes every cell of a k x k box (k: the segment's largest box). Measured per
+# input pixel against the per-pixel path (rotated 30 deg, drops 1 to 5 output pixels
+# wide): 0.68x at 1 px, 0.57x at 3.5 px, 0.61x at 5 px. With a limit of 4, drops 2.5-5 px
+# wide were slower than the per-pixel path alone: part of each segment went through both.
+_BOX_MAX = 8
