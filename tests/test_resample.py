@@ -845,6 +845,26 @@ def _interp_pixmap(pixmap, px, py):
     )
 
 
+@pytest.mark.parametrize("kernel", ["square", "turbo"])
+def test_kernels_refuse_accumulators_they_cannot_address_flat(kernel):
+    """The kernels write through flat views of the accumulators: a strided array would be
+    copied by the flattening and every deposit lost, so it is refused."""
+    from drizzle3d import _kernels
+
+    shape = (6, 6)
+    img = np.ones(shape)
+    acc = np.zeros((1, 20, 40, _kernels.N_FIELDS))[:, :, ::2]  # every other column
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _kernels.drizzle_image(
+            _kernels.KERNEL_IDS[kernel], img, img, img, np.zeros(shape, np.int64),
+            affine_pixmap(shape, shift=(5.0, 5.0), scale=1.0), const_wavemap(shape),
+            np.array([1.0, 3.0]), 1.0, 3.0, -np.inf, True, 1.0, 1.0, 1.0, 0.0, True, False,
+            np.zeros(1), acc, acc.view(np.int64), np.zeros((1, 20, 20), np.int32), 0,
+            np.int32(1), True,
+        )  # fmt: skip
+    assert not acc.any()
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("weighting", ["ivm", "exptime", "uniform"])
 def test_pixel_weights_follow_their_definition_bit_for_bit(dtype, weighting):

@@ -886,9 +886,9 @@ def drizzle_image(
         centroid of its overlap with the bin).
     lut : float64 array
         Lanczos look-up table (ignored by other kernels).
-    acc : float64 (nz, ny_out, nx_out, N_FIELDS)
-        Accumulator blocks, updated in place.
-    macc : int64 (nz, ny_out, nx_out, N_FIELDS)
+    acc : float64 (nz, ny_out, nx_out, N_FIELDS), C-contiguous
+        Accumulator blocks, updated in place (the kernels address them flat).
+    macc : int64 (nz, ny_out, nx_out, N_FIELDS), C-contiguous
         An int64 view of the same memory as ``acc`` (flag masks).
     ctx : int32 (nplanes, ny_out, nx_out)
     ctx_plane, ctx_bit, use_ctx : int, int32, bool
