@@ -547,6 +547,27 @@ def _prefetch_box(acc1, edges, lo, hi, k, plane, onx, i0, j0, ncol, nrow):
     return first
 
 
+@_jit_inline
+def _prefetch_centred(acc1, pixmap, wavemap, edges, j, i, half, wave_pixfrac, k, plane, onx, ony):
+    """:func:`_prefetch_box` for input pixel ``(j, i)`` of a centred kernel: the output
+    box within ``half`` of its mapped centre (one more column and row, which covers the
+    rounding of every centred kernel and bilinear's four pixels). Returns the bin hint."""
+    x = pixmap[j, i, 0]
+    y = pixmap[j, i, 1]
+    lam = wavemap[j, i, 0]
+    hb = 0.5 * wave_pixfrac * wavemap[j, i, 1]
+    if not (math.isfinite(x) and math.isfinite(y) and math.isfinite(lam) and math.isfinite(hb)):
+        return k
+    i0 = max(math.floor(x - half), 0)
+    i1 = min(math.floor(x + half) + 1, onx - 1)
+    j0 = max(math.floor(y - half), 0)
+    j1 = min(math.floor(y + half) + 1, ony - 1)
+    if i1 < i0 or j1 < j0 or j1 - j0 >= _SCRATCH:  # off the grid, or a large drop
+        return k
+    return _prefetch_box(acc1, edges, lam - hb, lam + hb, k, plane, onx, i0, j0, i1 - i0 + 1,
+                         j1 - j0 + 1)  # fmt: skip
+
+
 @_jit
 def drizzle_square(
     data, var, weight, flags, pixmap, wavemap, edges, lam_min, lam_max, own_lo, count_outside,
@@ -774,6 +795,10 @@ def drizzle_centred(
         drop_area = inv_s * inv_s
     nlut = lut.size
     plane = ony * onx * N_FIELDS  # offset between wavelength planes in acc1
+    # prefetch the accumulators of the pixel _AHEAD along the row (not for Lanczos: with
+    # 7 x 7 boxes its time goes to the kernel values, and prefetching made it 6 % slower)
+    ahead = not gather and kernel_id != 4 and kernel_id != 5
+    khint = 0
     nmiss = 0
     row_hit[:] = False
     for tj in range(0, ny, _TILE):
@@ -787,6 +812,10 @@ def drizzle_centred(
                         continue
                     xc = pixmap[j, i, 0]
                     yc = pixmap[j, i, 1]
+                    if ahead and i + _AHEAD < nx:
+                        khint = _prefetch_centred(acc1, pixmap, wavemap, edges, j, i + _AHEAD,
+                                                  half, wave_pixfrac, khint, plane, onx,
+                                                  ony)  # fmt: skip
                     if not (math.isfinite(xc) and math.isfinite(yc)):
                         nmiss += own
                         continue
@@ -1034,3 +1063,8 @@ _SQUARE_TILE = 64
 # wide): 0.68x at 1 px, 0.57x at 3.5 px, 0.61x at 5 px. With a limit of 4, drops 2.5-5 px
 # wide were slower than the per-pixel path alone: part of each segment went through both.
 _BOX_MAX = 8
+
+# the centred kernels prefetch the accumulators of the input pixel this far ahead in its row
+# (on the benchmark image: turbo 14-20 %, point 23-34 %, bilinear 18-22 %, gaussian 6-10 %
+# faster)
+_AHEAD = 8
