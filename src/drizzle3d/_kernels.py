@@ -572,7 +572,7 @@ def _prefetch_centred(acc1, pixmap, wavemap, edges, j, i, half, wave_pixfrac, k,
 def drizzle_square(
     data, var, weight, flags, pixmap, wavemap, edges, lam_min, lam_max, own_lo, count_outside,
     pixfrac, wave_pixfrac, min_overlap,
-    track_wave, band_centroid, acc, macc, ctx, ctx_plane, ctx_bit, use_ctx, gather,
+    track_wave, band_centroid, acc, ctx, ctx_plane, ctx_bit, use_ctx, gather,
     cube, gout, spec, row_hit, work,
 ):  # fmt: skip
     """Square kernel: exact overlap of the shrunk pixel quadrilateral with output pixels.
@@ -758,7 +758,7 @@ def drizzle_square(
 def drizzle_centred(
     kernel_id, data, var, weight, flags, pixmap, wavemap, edges, lam_min, lam_max, own_lo,
     count_outside, pixfrac, wave_pixfrac, pscale,
-    min_overlap, track_wave, band_centroid, lut, acc, macc, ctx, ctx_plane, ctx_bit, use_ctx,
+    min_overlap, track_wave, band_centroid, lut, acc, ctx, ctx_plane, ctx_bit, use_ctx,
     gather, cube, gout, spec, row_hit, koff, acc1, macc1,
 ):  # fmt: skip
     """Kernels centred on the mapped pixel centre: turbo, point, gaussian, lanczos, bilinear.
@@ -962,13 +962,12 @@ def drizzle_image(
         return drizzle_square(
             data, var, weight, flags, pixmap, wavemap, edges, lam_min, lam_max, own_lo,
             count_outside, pixfrac, wave_pixfrac, min_overlap, track_wave, band_centroid, acc,
-            macc, ctx, ctx_plane, ctx_bit, use_ctx, gather, cube, gout, spec, row_hit, work,
+            ctx, ctx_plane, ctx_bit, use_ctx, gather, cube, gout, spec, row_hit, work,
         )  # fmt: skip
     return drizzle_centred(
         kernel_id, data, var, weight, flags, pixmap, wavemap, edges, lam_min, lam_max, own_lo,
         count_outside, pixfrac, wave_pixfrac, pscale, min_overlap, track_wave, band_centroid, lut,
-        acc, macc, ctx, ctx_plane, ctx_bit, use_ctx, gather, cube, gout, spec, row_hit, koff, acc1,
-        macc1,
+        acc, ctx, ctx_plane, ctx_bit, use_ctx, gather, cube, gout, spec, row_hit, koff, acc1, macc1,
     )  # fmt: skip
 
 
